@@ -1,0 +1,107 @@
+"""One straight line from config to test metrics, as RecBole's quick_start, plus several models in one table.
+
+RecBole's own ``recbole.quick_start`` imports ray at import time (broken on NumPy 2 / setuptools >= 82), so it is
+never imported here.
+"""
+
+import logging
+import os
+import sys
+from logging import getLogger
+from time import time
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_local_time, init_logger, init_seed, set_color
+
+from recbole_llm.comparison import write_comparison
+from recbole_llm.config import Config
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.utils import get_model, get_trainer
+
+
+def count_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+    """Train, validate and test one model; returns RecBole's result dict plus sizes and timings."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainable, total = count_parameters(model)
+    logger.info(set_color("trainable parameters", "blue") + f": {trainable:,} of {total:,}")
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    train_start = time()
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    eval_start = time()
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    eval_end = time()
+
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "valid_metric": config["valid_metric"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_time": eval_start - train_start,
+        "eval_time": eval_end - eval_start,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+        "checkpoint_dir": config["checkpoint_dir"],
+    }
+
+
+def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True):
+    """Run several models on the same dataset, split and seed; print and write one comparison table."""
+    results = [run_recbole_llm(name, dataset, config_file_list, config_dict, saved) for name in models]
+    # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
+    table_path = os.path.join(results[0]["checkpoint_dir"], f"comparison-{dataset}-{get_local_time()}")
+    markdown = write_comparison(results, table_path)
+    print(markdown)
+    print(f"comparison written to {table_path}.md and {table_path}.csv")
+    return results
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """RecBole's hyper-parameter tuning objective, without ray: returns the result dict for one configuration."""
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    logging.basicConfig(level=logging.ERROR)
+    result = run_recbole_llm(config_dict=config_dict, config_file_list=config_file_list, saved=saved)
+    return {key: result[key] for key in ("model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result")}
+
+
+def load_data_and_model(model_file):
+    """Rebuild the config, dataset, dataloaders and trained model from a checkpoint written by a run."""
+    checkpoint = load_checkpoint(model_file)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data

@@ -1,0 +1,241 @@
+"""Trainers: RecBole's, made to load checkpoints under torch >= 2.6 and to write them atomically, and the
+LLMTrainer that trains LLM-based models stage by stage (RSLLMTrainer adds RSLLM's candidate evaluation)."""
+
+import math
+import os
+from logging import getLogger
+
+import torch
+from recbole.trainer import Trainer as RecBoleTrainer
+from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
+
+
+class SafeCheckpointMixin:
+    """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume) and writes atomically."""
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and eval_data:
+            checkpoint_file = model_file or self.saved_model_file
+            checkpoint = load_checkpoint(checkpoint_file, self.device)
+            self.load_model_state(checkpoint)
+            getLogger().info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def load_model_state(self, checkpoint):
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = load_checkpoint(str(resume_file), self.device)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.load_model_state(checkpoint)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        getLogger().info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        save_checkpoint_atomically(self.checkpoint_state(epoch), saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def checkpoint_state(self, epoch):
+        return {
+            "config": self.config,
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+
+class Trainer(SafeCheckpointMixin, RecBoleTrainer):
+    """RecBole's Trainer with safe loading: the trainer of RecBole's sequential baselines in this plugin."""
+
+
+class LLMTrainer(Trainer):
+    """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
+
+    Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
+    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, and the model's stages, each with
+    validation and early stopping. The best checkpoint is the best over all stages; each stage starts from it.
+    """
+
+    def __init__(self, config, model):
+        self.grad_accum_steps = max(1, config["grad_accum_steps"] or 1)
+        self.warmup_ratio = config["warmup_ratio"] or 0.0
+        self.train_batches_per_epoch = config["train_batches_per_epoch"]  # None: the whole training set
+        super().__init__(config, model)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.scheduler = None
+        self.stage = None
+
+    def _build_optimizer(self, **kwargs):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return None  # a stage sets what trains; the optimizer is rebuilt when it starts
+        return super()._build_optimizer(params=params, **kwargs)
+
+    def _start_stage(self, stage, steps_per_epoch):
+        self.stage = stage
+        self.model.begin_stage(stage.name)
+        self.optimizer = self._build_optimizer()
+        if self.optimizer is None:
+            raise RecBoleLLMError(f"stage '{stage.name}' of {self.config['model']} has no trainable parameters")
+        total_steps = max(1, stage.epochs * math.ceil(steps_per_epoch / self.grad_accum_steps))
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(self.warmup_ratio * total_steps), total_steps
+        )
+        self.epochs = stage.epochs
+        self.eval_step = min(self.config["eval_step"], self.epochs)
+        self.start_epoch, self.cur_step = 0, 0
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.logger.info(set_color(f"stage '{stage.name}'", "green") + f": {stage.epochs} epochs, {trainable:,} trainable parameters")
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        stages = [stage for stage in self.model.training_stages() if stage.epochs > 0]
+        if not stages:
+            raise RecBoleLLMError(f"{self.config['model']} has no training stage with epochs > 0: set the stage epochs")
+        for index, stage in enumerate(stages):
+            if index > 0 and saved and os.path.isfile(self.saved_model_file):
+                self._load_best(self.saved_model_file)  # each stage starts from the best weights so far
+            self._start_stage(stage, self._batches_per_epoch(train_data))
+            super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        return self.best_valid_score, self.best_valid_result
+
+    def _batches_per_epoch(self, train_data):
+        return min(len(train_data), self.train_batches_per_epoch or len(train_data))
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        self.model.begin_epoch(epoch_idx)
+        loss_func = loss_func or self.model.calculate_loss
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        n_batches = self._batches_per_epoch(train_data)
+        batches = tqdm(
+            train_data, total=n_batches, ncols=100, disable=not show_progress,
+            desc=set_color(f"Train {self.stage.name} {epoch_idx:>3}", "pink"),
+        )
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        total_loss = None  # summed on the device: no host sync per step
+        self.optimizer.zero_grad()
+        for batch_idx, interaction in enumerate(batches):
+            interaction = interaction.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = loss_func(interaction)
+            loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
+            loss = loss_terms.sum()
+            (loss / self.grad_accum_steps).backward()
+            total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
+            last_batch = batch_idx + 1 == n_batches
+            if (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch:
+                if self.clip_grad_norm:
+                    clip_grad_norm_(parameters, **self.clip_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            if show_progress and batch_idx % 10 == 0:
+                batches.set_postfix(loss=f"{loss.item():.4f}")
+            if last_batch:
+                break  # a capped epoch: the shuffled loader gives a different subset each epoch
+        self._check_nan(total_loss.sum())
+        epoch_losses = total_loss.tolist()
+        return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and eval_data:
+            self._load_best(model_file or self.saved_model_file)
+        if eval_data:
+            self.model.begin_evaluation()
+        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        if eval_data:
+            self.model.end_evaluation()
+        return result
+
+    def _load_best(self, checkpoint_file):
+        self.load_model_state(load_checkpoint(checkpoint_file, self.device))
+        self.logger.info(f"Loading trainable parameters of stage '{self.model.stage}' from {checkpoint_file}")
+
+    def load_model_state(self, checkpoint):
+        self.model.set_stage(checkpoint["stage"])
+        self.model.load_checkpoint_state_dict(checkpoint["state_dict"])
+
+    def checkpoint_state(self, epoch):
+        return {
+            "config": self.config,
+            "epoch": epoch,
+            "stage": self.model.stage,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "state_dict": self.model.checkpoint_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+
+class LaserTrainer(LLMTrainer):
+    """Laser's two stages, run by the LLM trainer."""
+
+
+class RSLLMTrainer(LLMTrainer):
+    """LLMTrainer that, with ``candidate_eval``, also runs RSLLM's second evaluation on the test split: LLaRA's
+    candidate protocol, whose ``hr@1_candidates`` and ``valid_ratio`` join RecBole's metrics in the result."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.validating = False
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self.validating = True  # validation and early stopping read RecBole's metrics only
+        try:
+            return super()._valid_epoch(valid_data, show_progress)
+        finally:
+            self.validating = False
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
+        if eval_data and self.config["candidate_eval"] and not self.validating:
+            result.update(self.candidate_evaluation(eval_data))
+        return result
+
+    def candidate_evaluation(self, eval_data):
+        """HR@1 and ValidRatio of the model's greedy answers, for n_candidate_users users of eval_data drawn with
+        the seed (all of them when None), each with n_candidates candidates drawn with the seed."""
+        model = self.model
+        columns = [(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN], inter[model.POS_ITEM_ID]) for inter, *_ in eval_data]
+        item_seq, item_len, targets = (torch.cat(column) for column in zip(*columns))  # [N, L], [N], [N]
+        generator = torch.Generator().manual_seed(self.config["seed"])
+        users = torch.randperm(len(targets), generator=generator)[: self.config["n_candidate_users"] or len(targets)]
+        item_seq, item_len, targets = item_seq[users], item_len[users], targets[users]
+        candidates, target_index = sample_candidates(
+            item_seq, targets, model.n_items, self.config["n_candidates"], generator
+        )  # [n, C], [n]
+        answers = []
+        for rows in torch.arange(len(users)).split(self.config["eval_batch_size"]):
+            answers += model.answer_candidates(
+                item_seq[rows].to(self.device), item_len[rows].to(self.device), candidates[rows].to(self.device)
+            )
+        candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
+        metrics = candidate_metrics(named_candidates(answers, candidate_names), target_index)
+        self.logger.info(
+            set_color("candidate evaluation", "blue") + f" ({len(users)} users, {self.config['n_candidates']} "
+            f"candidates, greedy answers; e.g. target {candidate_names[0][target_index[0]]!r}, answer {answers[0]!r}): "
+            + ", ".join(f"{key}: {value:.4f}" for key, value in metrics.items())
+        )
+        return metrics
