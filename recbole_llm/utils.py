@@ -4,6 +4,8 @@ import importlib
 import os
 from functools import cache
 
+import torch
+
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_llm.errors import RecBoleLLMError
@@ -55,6 +57,9 @@ def get_model(model_name):
     """The model class called ``model_name``, looked up in recbole_llm first, then in RecBole."""
     module = _find_model_module("recbole_llm", _PLUGIN_MODEL_KINDS, model_name)
     module = module or _find_model_module("recbole", _RECBOLE_MODEL_KINDS, model_name)
+    # Importing RecBole's sequential models runs sine.py, which turns autograd anomaly detection on for the whole
+    # process: every backward pass then costs about 3x.
+    torch.autograd.set_detect_anomaly(False)
     if module is None or not hasattr(module, model_name):
         raise RecBoleLLMError(
             f"unknown model '{model_name}'; known models (case as in RecBole, e.g. SASRec): {', '.join(known_models())}"

@@ -173,3 +173,9 @@ def test_installed_package_finds_its_properties(tmp_path):
     assert run.returncode == 0, run.stderr
     where, valid_metric = run.stdout.split()[-2:]
     assert where.startswith(str(target)) and valid_metric == "NDCG@10"
+
+
+def test_model_lookup_leaves_autograd_anomaly_detection_off():
+    """RecBole's sine.py switches anomaly detection on at import; left on, every backward pass is ~3x slower."""
+    get_model("SASRec")
+    assert not torch.is_anomaly_enabled()

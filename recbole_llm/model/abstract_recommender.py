@@ -25,6 +25,7 @@ class LLMSequentialRecommender(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        self.config = config
         self.stage = None
 
     def frozen_modules(self):

@@ -1,0 +1,1 @@
+"""Model components shared by the LLM-based recommenders."""

@@ -1,0 +1,239 @@
+"""The frozen collaborative encoder on the tiny ml-100k copy: train-and-cache, RecBole parity, freezing, refusals."""
+
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import recbole.trainer
+import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender.bert4rec import BERT4Rec
+from recbole.model.sequential_recommender.gru4rec import GRU4Rec
+from recbole.model.sequential_recommender.sasrec import SASRec
+from torch import nn
+
+from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.model.collaborative import (
+    CollaborativeEncoder, cached_checkpoint_path, cf_training_config, item_id_fingerprint,
+)
+
+DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SETTINGS = {
+    "load_col": {
+        "inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"],
+    },
+    "MAX_ITEM_LIST_LENGTH": 20, "epochs": 1, "show_progress": False, "hidden_size": 32, "inner_size": 64,
+    "train_batch_size": 512,
+}
+TINY_CF = {"hidden_size": 32, "inner_size": 64, "n_layers": 1}
+
+
+def make_config(checkpoint_dir, model="SASRec", dataset="ml-100k-tiny", data_path=DATA_PATH, **cf_settings):
+    """A config of an existing model carrying the cf_* keys, as an LLM model's config would."""
+    cf_settings = {"cf_model": "SASRec", "cf_checkpoint": None, "cf_config": TINY_CF, **cf_settings}
+    config_dict = {**SETTINGS, "data_path": data_path, "checkpoint_dir": str(checkpoint_dir), **cf_settings}
+    return Config(model=model, dataset=dataset, config_dict=config_dict)
+
+
+def save_recbole_checkpoint(config, model, path):
+    """What RecBole's trainer writes: the pickled Config and the weights, pickle protocol 4."""
+    torch.save({"config": config, "state_dict": model.state_dict()}, path, pickle_protocol=4)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("collaborative")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and many times faster on a shared CPU
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)  # RecBole's trainer writes log_tensorboard/ into the working directory
+        yield path
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir):
+    config = make_config(workdir)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    return config, train_data._dataset, next(iter(train_data))
+
+
+@pytest.fixture(scope="module")
+def sasrec(tiny):
+    config, dataset, _ = tiny
+    return CollaborativeEncoder(config, dataset)
+
+
+@pytest.fixture(scope="module")
+def bert4rec(workdir, tiny):
+    _, dataset, _ = tiny
+    return CollaborativeEncoder(make_config(workdir, cf_model="BERT4Rec"), dataset)
+
+
+def recbole_model(encoder, dataset):
+    """RecBole's own model rebuilt from the encoder's checkpoint, to compare against."""
+    checkpoint = load_checkpoint(encoder.checkpoint_path)
+    model = {"SASRec": SASRec, "BERT4Rec": BERT4Rec}[checkpoint["config"]["model"]](checkpoint["config"], dataset)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def assert_refused(config, dataset, *fragments):
+    with pytest.raises(RecBoleLLMError) as error:
+        CollaborativeEncoder(config, dataset)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_trains_once_then_reuses_the_cached_checkpoint(workdir, tiny, sasrec, monkeypatch, caplog):
+    config, dataset, _ = tiny
+    assert os.path.dirname(sasrec.checkpoint_path) == str(workdir)
+    assert os.path.basename(sasrec.checkpoint_path).startswith("cf-SASRec-ml-100k-tiny-")
+    assert not [name for name in os.listdir(workdir) if name.endswith(".partial")]
+    assert load_checkpoint(sasrec.checkpoint_path)["item_id_fingerprint"] == item_id_fingerprint(dataset)
+    assert (sasrec.n_items, sasrec.hidden_size) == (dataset.item_num, 32)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again instead of reusing the cached checkpoint")
+
+    monkeypatch.setattr(recbole.trainer.Trainer, "fit", no_training)
+    monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", "--learning_rate=0.5", "--hidden_size=8"])  # for the LLM
+    caplog.set_level(logging.INFO)
+    again = CollaborativeEncoder(config, dataset)
+    assert again.checkpoint_path == sasrec.checkpoint_path
+    assert "reusing" in caplog.text
+    assert torch.equal(again.item_embeddings, sasrec.item_embeddings)
+
+
+def test_cache_key_follows_the_cf_settings_not_the_llm_ones(workdir, tiny, sasrec):
+    _, dataset, _ = tiny
+
+    def cache_path(**settings):
+        return cached_checkpoint_path(cf_training_config(make_config(workdir, **settings)), dataset)
+
+    assert cache_path() == sasrec.checkpoint_path
+    assert cache_path(learning_rate=0.5, hidden_dropout_prob=0.1) == sasrec.checkpoint_path  # the LLM model's own
+    assert cache_path(cf_config={**TINY_CF, "n_layers": 2}) != sasrec.checkpoint_path
+    assert cache_path(MAX_ITEM_LIST_LENGTH=10) != sasrec.checkpoint_path
+    assert cache_path(seed=7) != sasrec.checkpoint_path
+
+
+def test_sasrec_states_match_recboles_forward(tiny, sasrec):
+    _, dataset, batch = tiny
+    item_seq, item_len = batch["item_id_list"], batch["item_length"]
+    states, valid, last = sasrec.encode(item_seq, item_len)
+    reference = recbole_model(sasrec, dataset)
+
+    assert torch.equal(last, reference(item_seq, item_len))
+    assert torch.allclose(last @ sasrec.item_embeddings.T, reference.full_sort_predict(batch), atol=1e-6)
+    assert states.shape == (len(item_seq), 20, 32) and torch.equal(valid, item_seq > 0)
+    assert torch.equal(states[torch.arange(len(item_seq)), item_len - 1], last)
+    assert not states[~valid].any()
+    assert item_len.min() == 1  # the batch holds one-item histories too
+
+
+def test_bert4rec_states_match_recboles_prediction(tiny, bert4rec):
+    _, dataset, batch = tiny
+    item_seq, item_len = batch["item_id_list"], batch["item_length"]
+    states, valid, last = bert4rec.encode(item_seq, item_len)
+    reference = recbole_model(bert4rec, dataset)
+
+    masked_seq = reference.reconstruct_test_data(item_seq, item_len)
+    assert torch.equal(last, reference.gather_indexes(reference(masked_seq), item_len - 1))
+    scores = last @ bert4rec.item_embeddings.T + reference.output_bias
+    assert torch.allclose(scores, reference.full_sort_predict(batch), atol=1e-5)
+    assert bert4rec.item_embeddings.shape == (dataset.item_num, 32)  # the mask token's row left out
+    assert states.shape == (len(item_seq), 20, 32)
+    assert torch.equal(valid.sum(dim=1), item_len - 1)  # RecBole drops the oldest item for the mask token
+    assert not states[~valid].any()
+
+
+def test_encoder_is_frozen(tiny, sasrec):
+    _, _, batch = tiny
+    parent = nn.ModuleDict({"collaborative": sasrec, "head": nn.Linear(32, 1)})
+    parent.train()
+    assert not any(module.training for module in sasrec.modules())
+    assert parent["head"].training
+    assert not any(parameter.requires_grad for parameter in sasrec.parameters())
+    outputs = sasrec.encode(batch["item_id_list"], batch["item_length"])
+    assert all(output.grad_fn is None for output in outputs)
+    assert not sasrec.item_embeddings.requires_grad
+
+
+def test_construction_leaves_the_random_state_alone(tiny, sasrec):
+    config, dataset, _ = tiny
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    CollaborativeEncoder(config, dataset)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_refuses_a_checkpoint_of_another_dataset(workdir, tiny):
+    _, dataset, _ = tiny
+    folder = workdir / "data" / "ml-100k-small"
+    folder.mkdir(parents=True)
+    inter = pd.read_csv(os.path.join(DATA_PATH, "ml-100k-tiny", "ml-100k-tiny.inter"), sep="\t", dtype=str)
+    inter[inter["user_id:token"].astype(int) <= 100].to_csv(folder / "ml-100k-small.inter", sep="\t", index=False)
+    small_config = make_config(workdir, dataset="ml-100k-small", data_path=str(workdir / "data"))
+    small_dataset = create_dataset(small_config)
+    path = str(workdir / "small.pth")
+    save_recbole_checkpoint(small_config, SASRec(small_config, small_dataset), path)
+
+    assert_refused(
+        make_config(workdir, cf_checkpoint=path), dataset,
+        f"trained on ml-100k-small ({small_dataset.item_num} items)", f"uses ml-100k-tiny ({dataset.item_num} items)",
+    )
+
+
+def test_refuses_another_item_id_mapping(workdir, tiny, sasrec):
+    _, dataset, _ = tiny
+    checkpoint = load_checkpoint(sasrec.checkpoint_path)
+    checkpoint["item_id_fingerprint"] = "0" * 40
+    path = str(workdir / "remapped.pth")
+    save_checkpoint_atomically(checkpoint, path)
+    assert_refused(make_config(workdir, cf_checkpoint=path), dataset, path, "item-id mapping")
+
+
+def test_refuses_a_model_that_is_not_sasrec_or_bert4rec(workdir, tiny):
+    _, dataset, _ = tiny
+    gru_config = make_config(workdir, model="GRU4Rec")
+    path = str(workdir / "gru4rec.pth")
+    save_recbole_checkpoint(gru_config, GRU4Rec(gru_config, dataset), path)
+    assert_refused(make_config(workdir, cf_checkpoint=path), dataset, "GRU4Rec", "not SASRec or BERT4Rec")
+
+
+def test_refuses_a_missing_file_another_model_and_another_hidden_size(workdir, tiny, sasrec, bert4rec):
+    _, dataset, _ = tiny
+    missing = str(workdir / "missing.pth")
+    assert_refused(make_config(workdir, cf_checkpoint=missing), dataset, missing, "does not exist")
+    assert_refused(make_config(workdir, cf_checkpoint=bert4rec.checkpoint_path), dataset, "cf_model=BERT4Rec")
+    wider = make_config(workdir, cf_checkpoint=sasrec.checkpoint_path, cf_hidden_size=64)
+    assert_refused(wider, dataset, "hidden size 32", "cf_hidden_size is 64")
+    assert_refused(make_config(workdir, cf_model="GRU4Rec"), dataset, "cf_model must be SASRec or BERT4Rec")
+
+
+def test_loads_a_checkpoint_written_by_recboles_stock_trainer(workdir, tiny, monkeypatch):
+    _, dataset, batch = tiny
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    stock_config = RecBoleConfig(model="SASRec", dataset="ml-100k-tiny", config_dict={
+        **SETTINGS, "data_path": DATA_PATH, "checkpoint_dir": str(workdir / "stock"), "train_neg_sample_args": None,
+    })
+    model = SASRec(stock_config, dataset)
+    trainer = recbole.trainer.Trainer(stock_config, model)
+    trainer._save_checkpoint(0)  # RecBole's own writer (what fit calls after a best epoch), without an epoch
+
+    encoder = CollaborativeEncoder(make_config(workdir, cf_checkpoint=trainer.saved_model_file), dataset)
+    assert torch.equal(encoder.item_embeddings, model.item_embedding.weight.detach())
+    item_seq, item_len = batch["item_id_list"], batch["item_length"]
+    assert torch.equal(encoder.encode(item_seq, item_len)[2], model.eval()(item_seq, item_len))
