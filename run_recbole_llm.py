@@ -13,15 +13,12 @@ def main():
     parser.add_argument("--config_files", type=str, default=None, help="space-separated YAML files")
     args, _ = parser.parse_known_args()  # the rest (--key=value) is read by RecBole's Config
 
-    from recbole_llm.quick_start import run_recbole_llm, run_recbole_llms
+    from recbole_llm.quick_start import run_recbole_llms
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None
     models = [name.strip() for name in args.model.split(",") if name.strip()]
     try:
-        if len(models) == 1:
-            run_recbole_llm(model=models[0], dataset=args.dataset, config_file_list=config_file_list)
-        else:
-            run_recbole_llms(models, args.dataset, config_file_list)
+        run_recbole_llms(models, args.dataset, config_file_list)
     except RecBoleLLMError as error:
         print(f"recbole_llm: error: {error}", file=sys.stderr)
         sys.exit(2)

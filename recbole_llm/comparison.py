@@ -11,7 +11,7 @@ def comparison_rows(results):
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
         row[f"best valid {result['valid_metric']}"] = result["best_valid_score"]
         row["trainable params"] = result["trainable_parameters"]
-        row["train time (s)"] = round(result["train_time"], 1)
+        row["train time (s)"] = round(result["train_time"], 1) if result["train_time"] is not None else None
         row["eval time (s)"] = round(result["eval_time"], 1)
         rows.append(row)
     return rows
@@ -38,6 +38,8 @@ def write_comparison(results, path_stem):
 
 
 def _format(value):
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int):

@@ -56,6 +56,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
     return {
+        "companions": [evaluate_collaborative_model(config, model, test_data)] if hasattr(model, "cf_encoder") else [],
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -71,12 +72,32 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     }
 
 
+def evaluate_collaborative_model(config, model, test_data):
+    """The frozen CF model an LLM model is built on, scored on the same test users: the number to beat."""
+    recommender = model.cf_encoder.recommender
+    trainer = get_trainer(config["MODEL_TYPE"], config["cf_model"])(config, recommender)
+    start = time()
+    test_result = trainer.evaluate(test_data, load_best_model=False)
+    getLogger().info(set_color(f"test result of its {config['cf_model']}", "yellow") + f": {test_result}")
+    return {
+        "model": f"{config['cf_model']} (CF model of {config['model']})",
+        "best_valid_score": None,
+        "valid_metric": config["valid_metric"],
+        "test_result": test_result,
+        "trainable_parameters": sum(p.numel() for p in recommender.parameters()),
+        "train_time": None,
+        "eval_time": time() - start,
+    }
+
+
 def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True):
-    """Run several models on the same dataset, split and seed; print and write one comparison table."""
+    """Run models on the same dataset, split and seed; print and write one comparison table, with the CF model
+    each LLM model is built on beside it."""
     results = [run_recbole_llm(name, dataset, config_file_list, config_dict, saved) for name in models]
+    rows = [row for result in results for row in (result, *result["companions"])]
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
     table_path = os.path.join(results[0]["checkpoint_dir"], f"comparison-{dataset}-{get_local_time()}")
-    markdown = write_comparison(results, table_path)
+    markdown = write_comparison(rows, table_path)
     print(markdown)
     print(f"comparison written to {table_path}.md and {table_path}.csv")
     return results

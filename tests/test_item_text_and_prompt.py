@@ -1,0 +1,268 @@
+"""Item texts from ml-100k-tiny's item features and prompts assembled from their cached token ids."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from torch import nn
+
+from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm import load_llm
+from recbole_llm.llm.item_text import ItemTextTable
+from recbole_llm.llm.prompt import PromptAssembler
+
+HEAD = "You are a recommendation assistant. In chronological order, the user has watched the following movies:"
+MARKER = " >> {index}."
+TAIL = " The user is"
+D = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_llm("tiny-llama").tokenizer
+
+
+@pytest.fixture(scope="module")
+def dataset_and_batch():
+    config = Config(
+        model="SASRec",
+        dataset="ml-100k-tiny",
+        config_dict={
+            "data_path": "tests/data",
+            "load_col": {
+                "inter": ["user_id", "item_id", "timestamp"],
+                "item": ["item_id", "movie_title", "release_year", "class"],
+            },
+            "MAX_ITEM_LIST_LENGTH": 20,
+        },
+    )
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    return config, dataset, next(iter(train))
+
+
+@pytest.fixture(scope="module")
+def item_text(dataset_and_batch, tokenizer):
+    config, dataset, _ = dataset_and_batch
+    return ItemTextTable.from_config(config, dataset, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def histories(dataset_and_batch):
+    """Three training histories of different lengths: the shortest, a middle one and the longest of the batch."""
+    batch = dataset_and_batch[2]
+    lengths = batch["item_length"]
+    rows = [int(lengths.argmin()), int((lengths - lengths.float().median()).abs().argmin()), int(lengths.argmax())]
+    assert len(set(lengths[rows].tolist())) == 3
+    return batch["item_id_list"][rows], lengths[rows]
+
+
+@pytest.fixture(scope="module")
+def embed(tokenizer):
+    torch.manual_seed(0)
+    return nn.Embedding(len(tokenizer), D)
+
+
+def make_assembler(item_text, tokenizer, separator="", max_prompt_items=50, **kwargs):
+    return PromptAssembler(item_text, tokenizer, HEAD, MARKER, separator, TAIL, max_prompt_items, **kwargs)
+
+
+def expected_text(item_text, items, separator=""):
+    """The prompt as one string: what the cached pieces must tokenize to."""
+    written = [MARKER.format(index=k) + " " + item_text.texts[item] for k, item in enumerate(items, start=1)]
+    return HEAD + separator.join(written) + TAIL
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def real_ids(prompt, row):
+    return prompt.input_ids[row][prompt.attention_mask[row].bool()].tolist()
+
+
+def history(item_seq, item_len, row):
+    return item_seq[row, : item_len[row]].tolist()
+
+
+def contains_run(sequence, run):
+    return any(sequence[i : i + len(run)] == run for i in range(len(sequence) - len(run) + 1))
+
+
+# --- item text ---------------------------------------------------------------------------------------------------
+
+
+def test_item_texts_are_titles_and_years(dataset_and_batch, item_text):
+    dataset = dataset_and_batch[1]
+    assert item_text.texts[dataset.token2id("item_id", "1")] == "Toy Story (1995)"
+    assert item_text.texts[dataset.token2id("item_id", "2")] == "GoldenEye (1995)"
+    assert len(item_text.texts) == dataset.item_num == len(item_text.token_ids) == len(item_text.lengths)
+
+
+def test_padding_item_has_no_text(item_text, tokenizer):
+    assert item_text.texts[0] == ""
+    assert item_text.lengths[0] == 0
+    assert (item_text.token_ids[0] == tokenizer.pad_token_id).all()
+
+
+def test_item_ids_are_the_tokenization_with_a_leading_space(dataset_and_batch, item_text, tokenizer):
+    item = dataset_and_batch[1].token2id("item_id", "1")
+    expected = ids_of(tokenizer, " " + item_text.texts[item])
+    assert item_text.lengths[item] == len(expected)
+    assert item_text.token_ids[item, : len(expected)].tolist() == expected
+    assert (item_text.token_ids[item, len(expected) :] == tokenizer.pad_token_id).all()
+
+
+def test_long_texts_are_truncated(dataset_and_batch, tokenizer):
+    table = ItemTextTable(dataset_and_batch[1], tokenizer, ["movie_title", "class"], "{movie_title} {class}", 4)
+    assert table.token_ids.shape[1] == 4 and table.lengths.max() == 4
+
+
+def test_unknown_field_names_the_existing_ones(dataset_and_batch, tokenizer):
+    with pytest.raises(RecBoleLLMError) as error:
+        ItemTextTable(dataset_and_batch[1], tokenizer, ["brand"], "{brand}", 24)
+    message = str(error.value)
+    assert "movie_title, release_year, class" in message and "item_text_fields" in message and "\n" not in message
+
+
+def test_items_without_text_are_counted_in_one_warning(dataset_and_batch, tokenizer, caplog):
+    dataset = copy.copy(dataset_and_batch[1])
+    dataset.item_feat = copy.deepcopy(dataset.item_feat)
+    for field in ["movie_title", "release_year"]:
+        dataset.item_feat[field][[3, 4]] = 0  # RecBole's padding id: the feature row is missing
+    with caplog.at_level(logging.WARNING):
+        table = ItemTextTable(dataset, tokenizer, ["movie_title", "release_year"], "{movie_title} ({release_year})", 24)
+    assert table.texts[3] == table.texts[4] == "" and table.lengths[3] == 0 and table.texts[5]
+    assert [record.message for record in caplog.records] == [
+        f"2 of {dataset.item_num - 1} items have no text in item_text_fields ['movie_title', 'release_year']"
+    ]
+
+
+@pytest.mark.parametrize("template", ["{movie_title} ({genre})", "a movie"])
+def test_template_must_use_the_fields(dataset_and_batch, tokenizer, template):
+    with pytest.raises(RecBoleLLMError, match="item_text_template"):
+        ItemTextTable(dataset_and_batch[1], tokenizer, ["movie_title"], template, 24)
+
+
+# --- prompt text and padding -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["", " ;"])
+def test_prompt_ids_are_the_tokenization_of_the_whole_text(item_text, tokenizer, histories, embed, separator):
+    item_seq, item_len = histories
+    prompt = make_assembler(item_text, tokenizer, separator).assemble(item_seq, item_len, embed)
+    for row in range(len(item_seq)):
+        text = expected_text(item_text, history(item_seq, item_len, row), separator)
+        assert real_ids(prompt, row) == ids_of(tokenizer, text)
+
+
+def test_prompts_are_left_padded_to_the_longest(item_text, tokenizer, histories, embed):
+    item_seq, item_len = histories
+    prompt = make_assembler(item_text, tokenizer).assemble(item_seq, item_len, embed)
+    lengths = [len(ids_of(tokenizer, expected_text(item_text, history(item_seq, item_len, row)))) for row in range(3)]
+    assert prompt.attention_mask.sum(1).tolist() == lengths
+    assert prompt.input_ids.shape == (3, max(lengths)) and prompt.inputs_embeds.shape == (3, max(lengths), D)
+    assert (prompt.attention_mask.diff(dim=1) >= 0).all()  # zeros only on the left
+    assert (prompt.input_ids[prompt.attention_mask == 0] == tokenizer.pad_token_id).all()
+    for row, length in enumerate(lengths):
+        assert prompt.position_ids[row, -length:].tolist() == list(range(length))
+    assert torch.equal(prompt.inputs_embeds, embed(prompt.input_ids))
+
+
+def test_the_target_item_is_never_written(dataset_and_batch, item_text, tokenizer, embed):
+    batch = dataset_and_batch[2]
+    item_seq, item_len, targets = batch["item_id_list"][:64], batch["item_length"][:64], batch["item_id"][:64]
+    prompt = make_assembler(item_text, tokenizer).assemble(item_seq, item_len, embed)
+    for row, target in enumerate(targets.tolist()):
+        target_ids = item_text.token_ids[target, : item_text.lengths[target]].tolist()
+        written = contains_run(real_ids(prompt, row), target_ids)
+        assert written == (target in history(item_seq, item_len, row))
+
+
+def test_long_histories_keep_the_most_recent_items(item_text, tokenizer, histories, embed):
+    item_seq, item_len = histories
+    prompt = make_assembler(item_text, tokenizer, max_prompt_items=3).assemble(item_seq, item_len, embed)
+    for row in range(3):
+        recent = history(item_seq, item_len, row)[-3:]
+        assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, recent))
+
+
+def test_an_item_alone_is_a_one_item_history(item_text, tokenizer, embed):
+    assembler = make_assembler(item_text, tokenizer)
+    items = torch.tensor([1, 2, 3])
+    prompt = assembler.assemble(*assembler.item_only(items), embed)
+    for row, item in enumerate(items.tolist()):
+        assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, [item]))
+
+
+def test_marker_needs_an_index(item_text, tokenizer):
+    with pytest.raises(RecBoleLLMError, match="index"):
+        PromptAssembler(item_text, tokenizer, HEAD, " >> item", "", TAIL, 5)
+
+
+# --- learned vectors ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def learned_prompt(item_text, tokenizer, histories, embed):
+    """A prompt of the three histories with 3 prefix vectors, 1 suffix vector and a slot per item, at most 5 items."""
+    item_seq, item_len = histories
+    torch.manual_seed(1)
+    prefix = torch.randn(3, 3, D, requires_grad=True)
+    suffix = torch.randn(1, D, requires_grad=True)
+    slots = torch.randn(3, item_seq.shape[1], D, requires_grad=True)
+    assembler = make_assembler(item_text, tokenizer, max_prompt_items=5, n_prefix=3, n_suffix=1, use_slots=True)
+    prompt = assembler.assemble(item_seq, item_len, embed, prefix=prefix, suffix=suffix, slots=slots)
+    return prompt, prefix, suffix, slots
+
+
+def test_prefix_and_suffix_hold_their_vectors(learned_prompt, tokenizer):
+    prompt, prefix, suffix, _ = learned_prompt
+    first_real = (prompt.attention_mask == 0).sum(1)
+    assert prompt.prefix_positions.tolist() == [[start + i for i in range(3)] for start in first_real.tolist()]
+    assert (prompt.suffix_positions == prompt.input_ids.shape[1] - 1).all()
+    for row in range(3):
+        assert torch.equal(prompt.inputs_embeds[row, prompt.prefix_positions[row]], prefix[row])
+        assert torch.equal(prompt.inputs_embeds[row, prompt.suffix_positions[row]], suffix)
+    assert (prompt.input_ids.gather(1, prompt.prefix_positions) == tokenizer.pad_token_id).all()
+
+
+def test_slots_follow_their_item_text(learned_prompt, histories, item_text, tokenizer):
+    prompt, _, _, slots = learned_prompt
+    item_seq, item_len = histories
+    for row in range(3):
+        n_items = int(item_len[row])
+        kept = range(max(0, n_items - 5), n_items)
+        dropped = [column for column in range(item_seq.shape[1]) if column not in kept]
+        assert (prompt.slot_positions[row, dropped] == -1).all()
+        for column in kept:
+            position, item = int(prompt.slot_positions[row, column]), int(item_seq[row, column])
+            n_text = int(item_text.lengths[item])
+            assert torch.equal(prompt.input_ids[row, position - n_text : position], item_text.token_ids[item, :n_text])
+            assert prompt.input_ids[row, position] == tokenizer.pad_token_id
+            assert torch.equal(prompt.inputs_embeds[row, position], slots[row, column])
+
+
+def test_text_only_prompt_is_the_learned_one_without_its_learned_positions(item_text, tokenizer, histories, embed):
+    item_seq, item_len = histories
+    text_only = make_assembler(item_text, tokenizer).assemble(item_seq, item_len, embed)
+    learned = make_assembler(item_text, tokenizer, n_prefix=2, n_suffix=1, use_slots=True)
+    learned = learned.assemble(item_seq, item_len, embed)
+    assert text_only.slot_positions is None and text_only.prefix_positions is None
+    assert text_only.suffix_positions is None
+    for row in range(3):
+        slots = learned.slot_positions[row][learned.slot_positions[row] >= 0]
+        positions = torch.cat([learned.prefix_positions[row], slots, learned.suffix_positions[row]]).tolist()
+        real = [position for position in range(learned.input_ids.shape[1]) if learned.attention_mask[row, position]]
+        without_learned = [int(learned.input_ids[row, position]) for position in real if position not in positions]
+        assert without_learned == real_ids(text_only, row)
+
+
+def test_gradients_reach_the_learned_vectors(learned_prompt, histories):
+    prompt, prefix, suffix, slots = learned_prompt
+    prompt.inputs_embeds.sum().backward()
+    assert (prefix.grad == 1).all() and (suffix.grad == 3).all()
+    assert torch.equal(slots.grad[..., 0] == 1, prompt.slot_positions >= 0)
