@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -158,9 +159,10 @@ def test_cli_missing_dataset_exits_with_one_line(tmp_path):
 
 
 def test_installed_package_finds_its_properties(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"  # setuptools builds in the source tree: use a copy
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "saved", "log*", "build", "*.egg-info", "data"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), REPO],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
         check=True, capture_output=True,
     )
     code = (
