@@ -1,0 +1,1 @@
+from recbole_llm.llm.backbone import LLMBackbone, load_llm

