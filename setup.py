@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "recbole==1.2.1",
         "torch>=2.6",
-        "transformers>=4.46",
+        "transformers>=5.0",  # GGUF dequantization and activation checkpointing APIs of v5
         "peft>=0.13",
         "gguf>=0.10",
         "pyyaml",
