@@ -218,8 +218,9 @@ class RSLLMTrainer(LLMTrainer):
         """HR@1 and ValidRatio of the model's greedy answers, for n_candidate_users users of eval_data drawn with
         the seed (all of them when None), each with n_candidates candidates drawn with the seed."""
         model = self.model
-        columns = [(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN], inter[model.POS_ITEM_ID]) for inter, *_ in eval_data]
-        item_seq, item_len, targets = (torch.cat(column) for column in zip(*columns))  # [N, L], [N], [N]
+        fields = (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID)
+        columns = zip(*[[interaction[field] for field in fields] for interaction, *_ in eval_data])
+        item_seq, item_len, targets = (torch.cat(column) for column in columns)  # [N, L], [N], [N]
         generator = torch.Generator().manual_seed(self.config["seed"])
         users = torch.randperm(len(targets), generator=generator)[: self.config["n_candidate_users"] or len(targets)]
         item_seq, item_len, targets = item_seq[users], item_len[users], targets[users]

@@ -1,0 +1,287 @@
+"""Laser: Bi-Tuning with M-Former (arXiv 2409.01605).
+
+A frozen LLM reads each user's history as a prompt, between a learned **prefix** made by the M-Former from a frozen
+CF encoder's states and a learned **suffix** token. The LLM's last-layer output at the suffix is the user's
+embedding; an item's embedding is the same for the item written as a one-item history. Users score every item by
+cosine / tau. Training runs in two stages: (1) the item matrix is recomputed at the start of every epoch while the
+user side trains against it, (2) the best item matrix is frozen and training goes on.
+"""
+
+import copy
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm import load_llm
+from recbole_llm.llm.item_text import ItemTextTable
+from recbole_llm.llm.prompt import PromptAssembler
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
+from recbole_llm.model.collaborative import CollaborativeEncoder
+from recbole_llm.model.layers import MFormer
+
+PREFIX_MODES = ("mformer", "free", "none")
+ITEM_PREFIXES = ("mformer", "none")
+REFRESHED_ITEMS, FROZEN_ITEMS = "refreshed_items", "frozen_items"
+
+
+class Laser(LLMSequentialRecommender):
+    """Laser over a frozen LLM (``llm_path``) and a frozen CF encoder (``cf_model``); keys in model/Laser.yaml."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.prefix_mode = config["prefix_mode"]
+        self.item_prefix = config["item_prefix"]
+        self.n_query = config["n_query"]
+        self.n_experts = config["n_experts"]
+        self.router_top_k = config["router_top_k"]
+        self.n_suffix = config["n_suffix"]
+        self.tau = config["tau"]
+        self.moe_balance_weight = config["moe_balance_weight"]
+        self.item_batch_size = config["item_batch_size"]
+        self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
+        check_hyper_parameters(config)  # before the costly parts: loading the LLM, training the CF model
+        logger = getLogger()
+
+        # 1. The frozen LLM. Shared per process by load_llm, so it is held beside the modules, not inside them: it
+        # is never part of a state dict and never switched to train mode.
+        self.llm = load_llm(
+            config["llm_path"], self.device, config["llm_dtype"] or "auto", bool(config["gradient_checkpointing"])
+        )
+        self.run_llm = llm_decoder(self.llm, config["llm_layers"]).__call__  # a call, so not a submodule either
+        llm_size = self.llm.hidden_size
+
+        # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
+        item_text = ItemTextTable.from_config(config, dataset, self.llm.tokenizer)
+        n_user_prefix = 0 if self.prefix_mode == "none" else self.n_query
+        n_item_prefix = n_user_prefix if self.item_prefix == "mformer" else 0
+        self.user_prompt = self._prompt_assembler(config, item_text, n_user_prefix)
+        self.item_prompt = self._prompt_assembler(config, item_text, n_item_prefix)
+
+        # 3. The frozen CF encoder and the prefix: the M-Former over its states, free vectors, or nothing.
+        token_scale = self.llm.input_embeddings().weight.float().std().item()  # learned inputs start at this scale
+        if self.prefix_mode == "mformer":
+            self.cf_encoder = CollaborativeEncoder(config, dataset)
+            self.mformer = MFormer(
+                cf_size=self.cf_encoder.hidden_size,
+                llm_size=llm_size,
+                n_experts=self.n_experts,
+                n_query=self.n_query,
+                hidden_size=config["mformer_hidden"],
+                n_layers=config["n_mformer_layers"],
+                n_heads=config["mformer_heads"],
+                cross_attention_freq=config["cross_attention_freq"],
+                top_k=self.router_top_k,
+                dropout=config["mformer_dropout"],
+                prefix_scale=token_scale,
+            )
+        elif self.prefix_mode == "free":
+            self.free_prefix = nn.Parameter(torch.randn(self.n_query, llm_size) * token_scale)  # [n_query, d_llm]
+
+        # 4. The suffix: learned tokens after the prompt; the LLM's output at the last one is the embedding.
+        self.suffix_tokens = nn.Parameter(torch.randn(self.n_suffix, llm_size) * token_scale)  # [n_suffix, d_llm]
+
+        # 5. The item matrix (unit rows; row 0, padding, stays zero): refreshed in stage 1, frozen in stage 2.
+        # Buffers, so that a checkpoint holds the matrix it scores with and whether its weights made that matrix.
+        self.register_buffer("item_matrix", torch.zeros(self.n_items, llm_size))  # [n_items, d_llm]
+        self.register_buffer("item_matrix_is_current", torch.tensor(False))  # no weight changed since it was made
+        self.register_buffer("evaluation_routed_users", torch.zeros(self.n_experts), persistent=False)  # [K]
+
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        llm_parameters = sum(p.numel() for p in self.llm.model.parameters())
+        logger.info(
+            f"Laser trains {trainable:,} parameters (M-Former, experts, router, prefix map, suffix), "
+            f"{100 * trainable / llm_parameters:.2f}% of the LLM's {llm_parameters:,}"
+        )
+
+    def _prompt_assembler(self, config, item_text, n_prefix):
+        return PromptAssembler(
+            item_text,
+            self.llm.tokenizer,
+            head=config["prompt_head"],
+            item_marker=config["prompt_item_marker"],
+            item_separator=config["prompt_item_separator"] or "",
+            tail=config["prompt_tail"] or "",
+            max_prompt_items=config["max_prompt_items"],
+            n_prefix=n_prefix,
+            n_suffix=self.n_suffix,
+        )
+
+    def frozen_modules(self):
+        return [self.cf_encoder] if self.prefix_mode == "mformer" else []
+
+    # ---- Prefix: the M-Former over the CF encoder's states C_u -------------------------------------------------
+
+    def history_prefix(self, item_seq, item_len):
+        """The prefix of each history [B, n_query, d_llm] (None without one) and its routing (None without M-Former)."""
+        if self.prefix_mode == "none":
+            return None, None
+        if self.prefix_mode == "free":
+            return self.free_prefix.expand(len(item_seq), -1, -1), None
+        cf_states, valid, last = self.cf_encoder.encode(item_seq, item_len)  # [B, L, d_cf], [B, L], [B, d_cf]
+        # The CF model's own user state sits at item_len - 1 (SASRec: the last item; BERT4Rec: its mask token, left
+        # out of `valid`); keeping it valid gives even a one-item history a state to read.
+        rows = torch.arange(len(item_seq), device=item_seq.device)
+        cf_states = cf_states.index_put((rows, item_len - 1), last)
+        valid = valid.index_put((rows, item_len - 1), torch.ones_like(rows, dtype=torch.bool))
+        return self.mformer(cf_states, valid)
+
+    # ---- Bi-Tuning: the LLM's output at the suffix of [prefix ; prompt ; suffix] -------------------------------
+
+    def suffix_output(self, prompt_assembler, item_seq, item_len, prefix):
+        """The LLM's last-layer output (layer llm_layers when set) at each prompt's last suffix token: [B, d_llm]."""
+        prompt = prompt_assembler.assemble(
+            item_seq, item_len, self.llm.input_embeddings(), prefix=prefix, suffix=self.suffix_tokens
+        )
+        hidden = self.run_llm(
+            inputs_embeds=prompt.inputs_embeds,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # [B, T, d_llm]
+        rows = torch.arange(len(hidden), device=hidden.device)
+        return hidden[rows, prompt.suffix_positions[:, -1]].float()
+
+    def user_embedding(self, item_seq, item_len):
+        """Each user's embedding [B, d_llm] from the history, and the routing of the M-Former (or None)."""
+        prefix, routing = self.history_prefix(item_seq, item_len)
+        return self.suffix_output(self.user_prompt, item_seq, item_len, prefix), routing
+
+    def item_embedding(self, items):
+        """Items [N] written as one-item histories with the user template: [N, d_llm]."""
+        item_seq, item_len = self.item_prompt.item_only(items)
+        prefix = self.history_prefix(item_seq, item_len)[0] if self.item_prefix == "mformer" else None
+        return self.suffix_output(self.item_prompt, item_seq, item_len, prefix)
+
+    @torch.no_grad()
+    def compute_item_matrix(self):
+        """Every item's unit-norm embedding with the current weights, batched, without gradient: [n_items, d_llm]."""
+        was_training = self.training
+        self.eval()  # the matrix is a fixed target: no dropout in it
+        items = torch.arange(1, self.n_items, device=self.item_matrix.device)
+        embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
+        self.train(was_training)
+        return torch.cat([torch.zeros_like(embeddings[:1]), F.normalize(embeddings, dim=-1)])
+
+    def refresh_item_matrix(self):
+        """Recompute the item matrix, unless no weight changed since it was computed (e.g. a stage-1 epoch right
+        after a validation, or a checkpoint reloaded with the matrix its weights made)."""
+        if not self.item_matrix_is_current:
+            self.item_matrix.copy_(self.compute_item_matrix())
+            self.item_matrix_is_current.fill_(True)
+
+    def scores(self, user_embedding, item_matrix):
+        """cos(h_u, h_i) / tau [B, n] for the rows of a unit-norm item matrix; the padding item is never a candidate."""
+        scores = F.normalize(user_embedding, dim=-1) @ item_matrix.T / self.tau  # [B, n]
+        scores[:, 0] = float("-inf")
+        return scores
+
+    # ---- Two-stage training ----------------------------------------------------------------------------------
+
+    def training_stages(self):
+        return [
+            TrainingStage(REFRESHED_ITEMS, self.stage_epochs[0]),
+            TrainingStage(FROZEN_ITEMS, self.stage_epochs[1]),
+        ]
+
+    def begin_stage(self, name):
+        super().begin_stage(name)
+        if name == FROZEN_ITEMS:
+            self.refresh_item_matrix()  # the matrix of the best weights so far, frozen from here on
+
+    def begin_epoch(self, epoch_idx):
+        if self.stage == REFRESHED_ITEMS:
+            self.refresh_item_matrix()
+
+    def begin_evaluation(self):
+        if self.stage != FROZEN_ITEMS:
+            self.refresh_item_matrix()  # once, reused by every user batch
+        self.evaluation_routed_users.zero_()
+
+    def end_evaluation(self):
+        n_routed = self.evaluation_routed_users.sum()
+        if self.prefix_mode == "mformer" and n_routed > 0:
+            shares = " ".join(f"{share:.3f}" for share in (self.evaluation_routed_users / n_routed).tolist())
+            n_users = int(n_routed) // self.router_top_k
+            getLogger().info(
+                f"routing shares of the {self.n_experts} query experts over {n_users} evaluated users: {shares}"
+            )
+
+    # ---- RecBole's model contract ------------------------------------------------------------------------------
+
+    def calculate_loss(self, interaction):
+        """Cross-entropy of the next item over all items, and lambda * the load-balancing term."""
+        self.item_matrix_is_current.fill_(False)  # an optimizer step follows
+        item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        user_embedding, routing = self.user_embedding(item_seq, item_len)
+        scores = self.scores(user_embedding, self.item_matrix)  # [B, n_items]
+        next_item_loss = F.cross_entropy(scores, interaction[self.POS_ITEM_ID])
+        balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
+        return next_item_loss, self.moe_balance_weight * balance_loss
+
+    def predict(self, interaction):
+        user_embedding, _ = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        item_rows = self.item_matrix[interaction[self.ITEM_ID]]  # [B, d_llm]
+        return (F.normalize(user_embedding, dim=-1) * item_rows).sum(-1) / self.tau
+
+    def full_sort_predict(self, interaction):
+        user_embedding, routing = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        if routing is not None:
+            self.evaluation_routed_users += routing.chosen.sum(0)
+        return self.scores(user_embedding, self.item_matrix)  # [B, n_items]
+
+
+def llm_decoder(backbone, n_layers):
+    """The frozen LLM without its LM head, through only its first `n_layers` blocks when n_layers is set (a CPU
+    budget option): a shallow copy with a cut block list that shares every weight, so the cached LLM stays whole."""
+    decoder = backbone.transformer()
+    if not n_layers:
+        return decoder
+    blocks_name, blocks = next(
+        (name, child) for name, child in decoder.named_children() if isinstance(child, nn.ModuleList)
+    )
+    if not 1 <= n_layers <= len(blocks):
+        raise RecBoleLLMError(
+            f"llm_layers is {n_layers}: {backbone.name} has {len(blocks)} layers, "
+            f"use 1 to {len(blocks)}, or None for all"
+        )
+    first_layers = copy.copy(decoder)
+    first_layers._modules = {**decoder._modules, blocks_name: blocks[:n_layers]}
+    getLogger().info(f"Laser reads the output of the first {n_layers} of the {len(blocks)} layers of {backbone.name}")
+    return first_layers
+
+
+def check_hyper_parameters(config):
+    """One-line errors for settings out of range, before anything costly is built."""
+
+    def require(condition, message):
+        if not condition:
+            raise RecBoleLLMError(message)
+
+    for key, choices in (("prefix_mode", PREFIX_MODES), ("item_prefix", ITEM_PREFIXES)):
+        require(config[key] in choices, f"{key} is {config[key]!r}: use one of {', '.join(choices)}")
+    require(config["n_query"] >= 1, f"n_query is {config['n_query']}: the prefix needs at least 1 query token")
+    require(config["n_experts"] >= 1, f"n_experts is {config['n_experts']}: the M-Former needs at least 1 query expert")
+    require(
+        1 <= config["router_top_k"] <= config["n_experts"],
+        f"router_top_k is {config['router_top_k']}: it must be between 1 and n_experts ({config['n_experts']})",
+    )
+    require(
+        config["mformer_hidden"] % config["mformer_heads"] == 0,
+        f"mformer_hidden ({config['mformer_hidden']}) is not divisible by mformer_heads ({config['mformer_heads']}): "
+        "change one of them",
+    )
+    require(config["n_mformer_layers"] >= 1, f"n_mformer_layers is {config['n_mformer_layers']}: use at least 1 block")
+    require(
+        config["cross_attention_freq"] >= 1, f"cross_attention_freq is {config['cross_attention_freq']}: use at least 1"
+    )
+    require(config["n_suffix"] >= 1, f"n_suffix is {config['n_suffix']}: embeddings are read at a suffix, use 1+")
+    require(config["tau"] > 0, f"tau is {config['tau']}: the cosine temperature must be positive")
+    require(
+        "{index}" in (config["prompt_item_marker"] or ""),
+        f"prompt_item_marker {config['prompt_item_marker']!r} has no {{index}}: number items, e.g. ' >> {{index}}.'",
+    )
+    for key in ("stage1_epochs", "stage2_epochs"):
+        require(config[key] >= 0, f"{key} is {config[key]}: use 0 to skip the stage, or more")

@@ -1,0 +1,350 @@
+"""RSLLM: recommendation as a new language in a large model (arXiv 2412.16933), as DESIGN.md §6 specifies it.
+
+A frozen CF model's item ID embeddings are projected into the LLM's input space and written into the prompt beside
+each item's title (the unified prompt), so the user's behaviour reads as a language of its own. The LLM is tuned
+with LoRA on a language-modeling loss (write the next item's title) plus two InfoNCE losses: user state vs. next
+item, and projected ID vs. title. Stage 1 trains on text-only prompts, stage 2 on unified prompts. The model ranks
+all items with its user state against an item tower (RecBole's full ranking), and can pick one of 20 candidates by
+writing its title (LLaRA's protocol, run by RSLLMTrainer).
+"""
+
+import copy
+from logging import getLogger
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm import load_llm
+from recbole_llm.llm.item_text import ItemTextTable
+from recbole_llm.llm.prompt import PromptAssembler
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
+from recbole_llm.model.collaborative import CollaborativeEncoder
+from recbole_llm.model.layers import Projector
+
+TEXT_ONLY, UNIFIED = "text_only", "unified"  # the two stages, and the two kinds of prompt they train on
+IGNORED = -100  # cross_entropy's ignore_index: label of every position that is not scored
+
+
+class RSLLM(LLMSequentialRecommender):
+    """RSLLM over a frozen LLM (``llm_path``, tuned with LoRA) and a frozen CF encoder (``cf_model``); see
+    properties/model/RSLLM.yaml."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        check_hyper_parameters(config)  # before the costly parts: loading the LLM, training the CF model
+        user_head, user_tail = template_parts(config, "prompt_template", "history")
+        item_head, item_tail = template_parts(config, "item_prompt_template", "item")
+        candidate_head, candidate_middle, candidate_tail = template_parts(
+            config, "candidate_prompt_template", "history", "candidates"
+        )
+        self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
+        self.item_batch_size = config["item_batch_size"]
+
+        # 3. The LLM, tuned with LoRA; its base weights stay frozen. Built first, so that lora_target_modules that
+        # fit no layer fail before the CF model trains.
+        backbone = load_llm(
+            config["llm_path"], self.device, config["llm_dtype"] or "auto", bool(config["gradient_checkpointing"])
+        )
+        self.tokenizer = backbone.tokenizer
+        self.llm = with_lora(backbone.model, config)
+
+        # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space.
+        self.cf_encoder = CollaborativeEncoder(config, dataset)
+        self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
+
+        # 2. Prompts: each item as its title followed by one ID slot (unified) or by nothing (text-only).
+        item_text = ItemTextTable.from_config(config, dataset, self.tokenizer)
+        self.user_prompts = self.prompt_pair(config, item_text, user_head, user_tail, config["max_prompt_items"])
+        self.item_prompts = self.prompt_pair(config, item_text, item_head, item_tail, 1)
+        self.candidate_history_prompts = self.prompt_pair(
+            config, item_text, candidate_head, candidate_middle, config["max_prompt_items"]
+        )
+        self.candidate_list_prompts = self.prompt_pair(config, item_text, "", candidate_tail, config["n_candidates"])
+        self.register_buffer("title_ids", item_text.token_ids, persistent=False)  # [n_items, max_item_tokens]
+        self.register_buffer("title_lengths", item_text.lengths, persistent=False)  # [n_items]
+        titles = [ids[:n] for ids, n in zip(item_text.token_ids.tolist(), item_text.lengths.tolist())]
+        self.item_names = [name.strip() for name in self.tokenizer.batch_decode(titles)]  # as the LLM reads them
+        self.max_answer_tokens = int(item_text.lengths.max()) + 1  # the longest title and the end token
+
+        # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
+        self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
+        self.title_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
+
+        self.item_matrix = None  # [n_items, d_llm] unit rows, computed once per evaluation by begin_evaluation
+        self.set_stage(TEXT_ONLY)  # usable before any training stage ran, e.g. right after loading a checkpoint
+        lora_parameters = sum(p.numel() for p in self.llm.parameters() if p.requires_grad)
+        getLogger().info(f"RSLLM: LoRA adapters with {lora_parameters:,} parameters on {config['lora_target_modules']}")
+
+    def prompt_pair(self, config, item_text, head, tail, max_items):
+        """The text-only and the unified assembler of one template: the same words, without and with ID slots."""
+        return nn.ModuleDict({
+            stage: PromptAssembler(
+                item_text,
+                self.tokenizer,
+                head=head,
+                item_marker=config["prompt_item_marker"],
+                item_separator=config["prompt_item_separator"] or "",
+                tail=tail,
+                max_prompt_items=max_items,
+                use_slots=stage == UNIFIED,
+            )
+            for stage in (TEXT_ONLY, UNIFIED)
+        })
+
+    def frozen_modules(self):
+        return [self.cf_encoder, self.llm]  # the LLM's LoRA weights require grad, so checkpoints keep them
+
+    def train(self, mode=True):
+        super().train(mode)  # the LLM, a frozen module, is now in eval mode ...
+        for module in self.llm.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_dropout.train(mode)  # ... but its LoRA adapters train, with their dropout
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module.training = mode  # transformers recomputes a layer's activations only in training mode
+        if mode:
+            self.item_matrix = None  # the weights are about to change
+        return self
+
+    # ---- The LLM's pieces: input embeddings, decoder, LM head ------------------------------------------------
+
+    def embed_tokens(self):
+        return self.llm.get_input_embeddings()
+
+    def last_hidden(self, inputs_embeds, attention_mask, position_ids):
+        """The decoder's last-layer states [B, T, d_llm], without the LM head's vocabulary logits."""
+        decoder = self.llm.get_base_model().get_decoder()
+        return decoder(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def prompt_state(self, prompt):
+        """The LLM's state at the last prompt position [B, d_llm] (prompts are left-padded, so column -1)."""
+        return self.last_hidden(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)[:, -1].float()
+
+    # ---- 1. + 2. Projected IDs in the prompts ------------------------------------------------------------------
+
+    def id_slots(self, item_seq, stage):
+        """The projected ID embedding of every item of item_seq [B, L] -> [B, L, d_llm]; None for text-only prompts."""
+        if stage == TEXT_ONLY:
+            return None
+        return self.projector(self.cf_encoder.item_embeddings[item_seq])
+
+    def user_prompt(self, item_seq, item_len):
+        """The stage's prompt of each history: titles, with ID slots in the unified stage."""
+        return self.user_prompts[self.stage].assemble(
+            item_seq, item_len, self.embed_tokens(), slots=self.id_slots(item_seq, self.stage)
+        )
+
+    def item_states(self, items, stage):
+        """The LLM's state of each item [N, d_llm], written alone as `<title> [ITEM]` (unified) or `<title>`."""
+        item_seq, item_len = self.item_prompts[stage].item_only(items)  # [N, 1], [N]
+        slots = self.id_slots(item_seq, stage)
+        prompt = self.item_prompts[stage].assemble(item_seq, item_len, self.embed_tokens(), slots=slots)
+        return self.prompt_state(prompt)
+
+    def item_tower(self, items):
+        """Item embeddings [N, d_llm] that user states are scored against: the stage's item prompt -> state head."""
+        return self.state_head(self.item_states(items, self.stage))
+
+    # ---- 4. Losses: L = L_lm + alpha * L_user_item + beta * L_id_text ------------------------------------------
+
+    def calculate_loss(self, interaction):
+        """(L_lm, alpha * L_user_item) in stage 1; (L_lm, alpha * L_user_item, beta * L_id_text) in stage 2."""
+        item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        next_items = interaction[self.POS_ITEM_ID]  # [B]
+        prompt = self.user_prompt(item_seq, item_len)
+        inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
+        hidden = self.last_hidden(inputs_embeds, attention_mask, position_ids)  # [B, T + answer, d_llm]
+        lm_loss = self.language_modeling_loss(hidden, labels)
+
+        # the answer comes after the prompt, so the causal LLM's state at the last prompt position ignores it
+        user_states = self.state_head(hidden[:, prompt.inputs_embeds.shape[1] - 1].float())  # [B, d_llm]
+        items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
+        user_item_loss = info_nce(user_states, self.item_tower(items), next_index, self.tau)
+        if self.stage == TEXT_ONLY:
+            return lm_loss, self.alpha * user_item_loss
+
+        projected_ids = self.projector(self.cf_encoder.item_embeddings[items])  # [U, d_llm]
+        title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
+        id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
+        return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss
+
+    def with_answer(self, prompt, items):
+        """The prompt followed by each item's title and the end token, and the LM labels: -100 everywhere but on
+        the answer's tokens. Returns inputs_embeds [B, T + A, d], attention_mask, position_ids and labels [B, T + A]."""
+        answer_length = int(self.title_lengths[items].max()) + 1
+        title_lengths = self.title_lengths[items, None]  # [B, 1]
+        answer_ids = F.pad(self.title_ids[items, : answer_length - 1], (0, 1), value=self.tokenizer.pad_token_id)
+        answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [B, A] title, end, padding
+        in_answer = torch.arange(answer_length, device=items.device) <= title_lengths  # [B, A]
+
+        inputs_embeds = torch.cat([prompt.inputs_embeds, self.embed_tokens()(answer_ids)], dim=1)
+        attention_mask = torch.cat([prompt.attention_mask, in_answer.long()], dim=1)
+        answer_positions = prompt.position_ids[:, -1:] + 1 + torch.arange(answer_length, device=items.device)
+        position_ids = torch.cat([prompt.position_ids, answer_positions], dim=1)
+        prompt_labels = torch.full_like(prompt.input_ids, IGNORED)
+        labels = torch.cat([prompt_labels, answer_ids.masked_fill(~in_answer, IGNORED)], dim=1)
+        return inputs_embeds, attention_mask, position_ids, labels
+
+    def language_modeling_loss(self, hidden, labels):
+        """Causal LM loss of the labelled tokens; the LM head runs only at the positions that predict them."""
+        predicts_label = labels[:, 1:] != IGNORED  # [B, T - 1]: position t predicts token t + 1
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicts_label])  # [n_answer_tokens, vocab]
+        return F.cross_entropy(logits.float(), labels[:, 1:][predicts_label])
+
+    # ---- 5. Two stages: text-only prompts, then unified prompts --------------------------------------------------
+
+    def training_stages(self):
+        return [
+            TrainingStage(TEXT_ONLY, self.config["stage1_epochs"]),
+            TrainingStage(UNIFIED, self.config["stage2_epochs"]),
+        ]
+
+    def set_stage(self, name):
+        if name not in (TEXT_ONLY, UNIFIED):
+            raise RecBoleLLMError(
+                f"RSLLM has no stage '{name}' (its stages: {TEXT_ONLY}, {UNIFIED}): the checkpoint is not RSLLM's"
+            )
+        super().set_stage(name)
+        # text-only prompts have no ID slots and L_id_text is off: projector and title head get no update
+        self.projector.requires_grad_(name == UNIFIED)
+        self.title_head.requires_grad_(name == UNIFIED)
+
+    # ---- 6a. Full ranking: user state . item tower of all items --------------------------------------------------
+
+    @torch.no_grad()
+    def begin_evaluation(self):
+        self.eval()  # the trainer switches to eval mode only after this hook: no dropout in the item matrix
+        items = torch.arange(self.n_items, device=self.title_ids.device)
+        item_matrix = torch.cat([self.item_tower(batch) for batch in items.split(self.item_batch_size)])
+        self.item_matrix = F.normalize(item_matrix, dim=-1)  # [n_items, d_llm], reused by every user batch
+
+    def user_states(self, interaction):
+        """Unit-norm user states [B, d_llm] of the histories of a batch."""
+        prompt = self.user_prompt(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return F.normalize(self.state_head(self.prompt_state(prompt)), dim=-1)
+
+    def scored_item_matrix(self):
+        if self.item_matrix is None:
+            raise RecBoleLLMError("RSLLM scores against its item matrix: call model.begin_evaluation() first")
+        return self.item_matrix
+
+    def predict(self, interaction):
+        item_rows = self.scored_item_matrix()[interaction[self.ITEM_ID]]  # [B, d_llm]
+        return (self.user_states(interaction) * item_rows).sum(-1) / self.tau
+
+    def full_sort_predict(self, interaction):
+        return self.user_states(interaction) @ self.scored_item_matrix().T / self.tau  # [B, n_items]
+
+    # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
+
+    @torch.no_grad()
+    def answer_candidates(self, item_seq, item_len, candidates):
+        """Greedy answers (strings) to the prompt listing each history [B, L] and its candidates [B, C]."""
+        history = self.candidate_history_prompts[self.stage].assemble(
+            item_seq, item_len, self.embed_tokens(), slots=self.id_slots(item_seq, self.stage)
+        )
+        listing = self.candidate_list_prompts[self.stage].assemble(
+            candidates, torch.full_like(candidates[:, 0], candidates.shape[1]), self.embed_tokens(),
+            slots=self.id_slots(candidates, self.stage),
+        )
+        inputs_embeds, attention_mask = joined(history, listing)
+        answer_ids = self.llm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=self.max_answer_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )  # [B, <= max_answer_tokens]: only the new tokens, as the prompt was given as embeddings
+        return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+
+
+def info_nce(queries, keys, positives, tau):
+    """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
+    other keys are its negatives."""
+    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / tau  # [N, K]
+    return F.cross_entropy(logits, positives)
+
+
+def joined(first, second):
+    """Two left-padded prompts one after the other, padded on the left again so generation continues at the right
+    end: inputs_embeds [B, T1 + T2, d] and attention_mask [B, T1 + T2]."""
+    inputs_embeds = torch.cat([first.inputs_embeds, second.inputs_embeds], dim=1)
+    attention_mask = torch.cat([first.attention_mask, second.attention_mask], dim=1)
+    order = attention_mask.argsort(dim=1, stable=True)  # padding (0) first, then the tokens in their order
+    return inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds)), attention_mask.gather(1, order)
+
+
+def with_lora(model, config):
+    """The shared frozen LLM wrapped with LoRA adapters (peft). peft edits the model it wraps, so it wraps a copy
+    of the modules that shares the weight tensors: the cached backbone stays adapter-free, and no second copy of
+    the weights is made."""
+    shared_tensors = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    modules = copy.deepcopy(model, memo=shared_tensors)
+    target_modules = config["lora_target_modules"]
+    lora = LoraConfig(
+        r=config["lora_r"],
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=config["lora_dropout"],
+        target_modules=[target_modules] if isinstance(target_modules, str) else list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(modules, lora)
+    except ValueError as error:
+        raise RecBoleLLMError(
+            f"lora_target_modules {lora.target_modules} do not fit {config['llm_path']}: {' '.join(str(error).split())}"
+        ) from None
+
+
+def template_parts(config, key, *placeholders):
+    """The text around the placeholders of a prompt template, which must hold each once and in this order:
+    ('A{history}B{candidates}C', history, candidates) -> ['A', 'B', 'C']."""
+    template, parts = config[key] or "", []
+    rest = template
+    for name in placeholders:
+        placeholder = "{" + name + "}"
+        if rest.count(placeholder) != 1:
+            expected = " then ".join("{" + p + "}" for p in placeholders)
+            raise RecBoleLLMError(f"{key} {template!r} must contain {expected}, once each: it says where the items go")
+        before, rest = rest.split(placeholder)
+        parts.append(before)
+    return [*parts, rest]
+
+
+def check_hyper_parameters(config):
+    """One-line errors for settings out of range, before anything costly is built."""
+
+    def require(condition, key, requirement):
+        if not condition:
+            raise RecBoleLLMError(f"{key} is {config[key]!r}: it must be {requirement}")
+
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def is_int(value):
+        return is_number(value) and isinstance(value, int)
+
+    require(is_int(config["lora_r"]) and config["lora_r"] > 0, "lora_r", "a positive integer (the LoRA rank)")
+    require(is_number(config["lora_alpha"]) and config["lora_alpha"] > 0, "lora_alpha", "positive")
+    dropout = config["lora_dropout"]
+    require(is_number(dropout) and 0 <= dropout < 1, "lora_dropout", "in [0, 1)")
+    require(bool(config["lora_target_modules"]), "lora_target_modules", "names of LLM modules, e.g. [q_proj, v_proj]")
+    for key in ("alpha", "beta"):
+        require(is_number(config[key]) and config[key] >= 0, key, "a loss weight >= 0")
+    require(is_number(config["tau"]) and config["tau"] > 0, "tau", "a positive temperature")
+    for key in ("stage1_epochs", "stage2_epochs"):
+        require(is_int(config[key]) and config[key] >= 0, key, "an integer >= 0 (0 skips the stage)")
+    for key in ("max_prompt_items", "item_batch_size"):
+        require(is_int(config[key]) and config[key] > 0, key, "a positive integer")
+    require(is_int(config["n_candidates"]) and config["n_candidates"] >= 2, "n_candidates", "an integer >= 2")
+    require(
+        config["n_candidate_users"] is None or is_int(config["n_candidate_users"]) and config["n_candidate_users"] > 0,
+        "n_candidate_users", "a positive integer, or None for every test user",
+    )

@@ -1,0 +1,364 @@
+"""RSLLM on tiny-llama and the tiny ml-100k copy: the candidate protocol's pure functions on hand-made examples,
+what trains, the unified prompt, the LM labels, the losses, the two stages, the item tower, and end-to-end runs."""
+
+import logging
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from conftest import tiny_config
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.comparison import comparison_rows
+from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm import load_llm
+from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
+from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, RSLLM, joined
+from recbole_llm.quick_start import run_recbole_llm
+from recbole_llm.trainer import RSLLMTrainer
+
+RSLLM_SIZES = {
+    "llm_path": "tiny-llama",
+    "lora_r": 4,
+    "lora_dropout": 0.0,
+    "max_prompt_items": 3,
+    "max_item_tokens": 8,
+    "train_batch_size": 8,
+    "train_batches_per_epoch": 2,
+    "eval_batch_size": 64,
+    "item_batch_size": 256,
+    "stage1_epochs": 1,
+    "stage2_epochs": 1,
+    "n_candidates": 5,
+    "n_candidate_users": 16,
+    "cf_config": {"epochs": 1, "hidden_size": 32, "inner_size": 64, "n_layers": 1, "train_batch_size": 2048},
+}
+
+
+def rsllm_config(checkpoint_root, **overrides):
+    config_dict = tiny_config(checkpoint_root, **{**RSLLM_SIZES, **overrides})
+    return Config(model="RSLLM", dataset="ml-100k-tiny", config_dict=config_dict)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rsllm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path)  # RecBole's trainers write log_tensorboard/ into the working directory
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir):
+    """Config and data loaders; the CF model is trained once into workdir and reused by every model here."""
+    config = rsllm_config(workdir)
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    return config, train_data, valid_data, test_data
+
+
+def build_rsllm(tiny, **overrides):
+    config, train_data, _, _ = tiny
+    if overrides:
+        config = rsllm_config(Path(config["checkpoint_dir"]).parent, **overrides)
+    init_seed(config["seed"], config["reproducibility"])
+    return RSLLM(config, train_data._dataset)
+
+
+@pytest.fixture(scope="module")
+def rsllm(tiny):
+    return build_rsllm(tiny)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    return next(iter(tiny[1]))
+
+
+# ---- The candidate protocol's pure functions ---------------------------------------------------------------------
+
+
+def test_candidates_hold_the_target_once_and_no_history_item():
+    history = torch.tensor([[1, 2, 3, 0], [4, 0, 0, 0], [2, 7, 9, 8]])  # [N, L], 0: padding
+    targets = torch.tensor([5, 6, 1])
+    candidates, target_index = sample_candidates(history, targets, 12, 6, torch.Generator().manual_seed(0))
+
+    assert candidates.shape == (3, 6)
+    assert torch.equal(candidates[torch.arange(3), target_index], targets)
+    for row, seen in zip(candidates.tolist(), history.tolist()):
+        assert len(set(row)) == 6  # no duplicates
+        assert 0 not in row and not set(row) & (set(seen) - {0})
+    again = sample_candidates(history, targets, 12, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], candidates) and torch.equal(again[1], target_index)  # fixed by the seed
+
+
+def test_too_many_candidates_for_a_history_is_a_one_line_error():
+    with pytest.raises(RecBoleLLMError, match="at most 2") as caught:
+        sample_candidates(torch.tensor([[1, 2, 3]]), torch.tensor([4]), 6, 5, torch.Generator().manual_seed(0))
+    assert "\n" not in str(caught.value)
+
+
+def test_hit_ratio_and_valid_ratio_on_a_hand_made_example():
+    answers = ["Toy Story (1995)", "  heat (1995) ", "GoldenEye (1995) or Heat (1995)", "a movie", "Casino (1995)"]
+    candidate_names = [
+        ["Heat (1995)", "Toy Story (1995)"],  # names the target: valid hit
+        ["Heat (1995)", "Casino (1995)"],  # names one candidate (case and spacing ignored), not the target: valid miss
+        ["GoldenEye (1995)", "Heat (1995)"],  # names two: not valid
+        ["Heat (1995)", "Casino (1995)"],  # names none: not valid
+        ["Heat (1995)", "Casino (1995)"],  # names the target: valid hit
+    ]
+    target_index = torch.tensor([1, 1, 0, 0, 1])
+
+    named = named_candidates(answers, candidate_names)
+    assert named.tolist() == [[False, True], [True, False], [True, True], [False, False], [False, True]]
+    assert candidate_metrics(named, target_index) == {"hr@1_candidates": 2 / 5, "valid_ratio": 3 / 5}
+
+
+def test_candidate_prompt_joins_two_left_padded_prompts_into_one():
+    def prompt(tokens, mask):  # token k has the embedding [k]
+        embeds = torch.tensor(tokens, dtype=torch.float)[..., None]  # [B, T, 1]
+        return SimpleNamespace(inputs_embeds=embeds, attention_mask=torch.tensor(mask))
+
+    history = prompt([[0, 1, 2], [3, 4, 5]], [[0, 1, 1], [1, 1, 1]])
+    listing = prompt([[0, 6, 7], [0, 0, 8]], [[0, 1, 1], [0, 0, 1]])
+    inputs_embeds, attention_mask = joined(history, listing)
+    assert attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert inputs_embeds[..., 0][attention_mask.bool()].reshape(2, 4).tolist() == [[1, 2, 6, 7], [3, 4, 5, 8]]
+
+
+# ---- What trains, and what stays frozen ------------------------------------------------------------------------
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(rsllm):
+    rsllm.set_stage(UNIFIED)
+    names = trainable_names(rsllm)
+    assert {name.split(".")[0] for name in names} == {"llm", "projector", "state_head", "title_head"}
+    assert all("lora_" in name for name in names if name.startswith("llm."))
+    rsllm.set_stage(TEXT_ONLY)
+    assert {name.split(".")[0] for name in trainable_names(rsllm)} == {"llm", "state_head"}
+
+    backbone = load_llm("tiny-llama")
+    assert not any(isinstance(module, LoraLayer) for module in backbone.model.modules())
+    assert rsllm.llm.get_base_model() is not backbone.model
+    assert rsllm.embed_tokens().weight is backbone.input_embeddings().weight  # modules copied, weights shared
+    checkpoint_keys = rsllm.checkpoint_state_dict().keys()
+    assert all("lora_" in key or not key.startswith("llm.") for key in checkpoint_keys)
+    assert not any(key.startswith("cf_encoder.") for key in checkpoint_keys)
+
+
+# ---- The unified prompt and the LM labels ----------------------------------------------------------------------
+
+
+def test_id_slots_hold_the_projected_embeddings_and_text_only_prompts_have_none(rsllm, batch):
+    item_seq, item_len = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN]
+    with torch.no_grad():
+        rsllm.set_stage(UNIFIED)
+        unified = rsllm.user_prompt(item_seq, item_len)
+        projected = rsllm.projector(rsllm.cf_encoder.item_embeddings[item_seq])  # [B, L, d_llm]
+        rsllm.set_stage(TEXT_ONLY)
+        text_only = rsllm.user_prompt(item_seq, item_len)
+
+    has_slot = unified.slot_positions >= 0  # [B, L]
+    assert torch.equal(has_slot.sum(1), item_len.clamp(max=3))  # one slot per written item
+    rows = torch.arange(len(item_seq))[:, None].expand_as(has_slot)[has_slot]
+    assert torch.equal(unified.inputs_embeds[rows, unified.slot_positions[has_slot]], projected[has_slot])
+
+    assert text_only.slot_positions is None
+    slot_mask = torch.zeros_like(unified.attention_mask, dtype=torch.bool)
+    slot_mask[rows, unified.slot_positions[has_slot]] = True
+    for b in range(len(item_seq)):  # the same words, without the slots
+        words = unified.input_ids[b][unified.attention_mask[b].bool() & ~slot_mask[b]]
+        assert torch.equal(words, text_only.input_ids[b][text_only.attention_mask[b].bool()])
+
+
+def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
+    rsllm.set_stage(UNIFIED)
+    item_seq, item_len, next_items = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN], batch[rsllm.POS_ITEM_ID]
+    with torch.no_grad():
+        prompt = rsllm.user_prompt(item_seq, item_len)
+        inputs_embeds, attention_mask, position_ids, labels = rsllm.with_answer(prompt, next_items)
+
+    prompt_length = prompt.inputs_embeds.shape[1]
+    assert (labels[:, :prompt_length] == IGNORED).all()
+    for b, item in enumerate(next_items.tolist()):
+        title = rsllm.title_ids[item, : rsllm.title_lengths[item]].tolist()
+        assert labels[b][labels[b] != IGNORED].tolist() == title + [rsllm.tokenizer.eos_token_id]
+        answer = slice(prompt_length, prompt_length + len(title) + 1)
+        assert attention_mask[b, answer].all() and not attention_mask[b, answer.stop :].any()
+        start = int(position_ids[b, prompt_length - 1]) + 1  # positions go on after the prompt's last one
+        assert position_ids[b, answer].tolist() == list(range(start, start + len(title) + 1))
+    assert torch.equal(inputs_embeds[:, :prompt_length], prompt.inputs_embeds)
+
+
+# ---- Hyper-parameters ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"lora_r": 0}, "lora_r is 0"),
+        ({"lora_dropout": 1.5}, "lora_dropout is 1.5"),
+        ({"tau": 0}, "tau is 0"),
+        ({"n_candidates": 1}, "n_candidates is 1"),
+        ({"prompt_template": "This user has watched movies."}, "prompt_template"),
+        ({"item_prompt_template": "{item} and {item}"}, "item_prompt_template"),
+        ({"candidate_prompt_template": "Pick from{candidates} given{history}:"}, "{history} then {candidates}"),
+        ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
+    ],
+)
+def test_bad_hyper_parameters_are_one_line_errors(tiny, overrides, fragment):
+    with pytest.raises(RecBoleLLMError) as caught:
+        build_rsllm(tiny, **overrides)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ---- Losses ----------------------------------------------------------------------------------------------------
+
+
+def test_each_loss_term_is_finite_and_decreases_on_one_batch(tiny, batch):
+    model = build_rsllm(tiny)
+    model.begin_stage(UNIFIED)
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    history = []
+    for _ in range(6):
+        losses = model.calculate_loss(batch)
+        assert len(losses) == 3 and all(torch.isfinite(term) for term in losses)
+        history.append([term.item() for term in losses])
+        optimizer.zero_grad()
+        sum(losses).backward()
+        optimizer.step()
+    first, last = history[0], history[-1]
+    assert all(end < start for start, end in zip(first, last)), history
+
+    model.set_stage(TEXT_ONLY)
+    assert len(model.calculate_loss(batch)) == 2  # stage 1: L_lm and L_user_item
+
+
+def test_gradient_checkpointing_stays_on_while_training(tiny, batch):
+    model = build_rsllm(tiny, gradient_checkpointing=True)
+    layers = [m for m in model.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    model.begin_stage(UNIFIED)
+    model.train()
+    assert layers and all(layer.gradient_checkpointing and layer.training for layer in layers)
+    sum(model.calculate_loss(batch)).backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_B" in name)
+    model.eval()
+    assert not any(layer.training for layer in layers)
+
+
+# ---- Two stages, and the item tower once per evaluation --------------------------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """A model trained through both stages by RSLLMTrainer, with snapshots of the projector at each stage start."""
+    config, train_data, valid_data, _ = tiny
+    model = build_rsllm(tiny)
+    backbone_before = {name: t.clone() for name, t in load_llm("tiny-llama").model.state_dict().items()}
+    projector_at = {"init": [p.detach().clone() for p in model.projector.parameters()]}
+    begin_stage = model.begin_stage
+
+    def recorded_begin_stage(name):
+        begin_stage(name)
+        projector_at[name] = [p.detach().clone() for p in model.projector.parameters()]
+
+    model.begin_stage = recorded_begin_stage
+    records = Records()
+    logging.getLogger().addHandler(records)
+    logging.getLogger().setLevel(logging.INFO)
+    trainer = RSLLMTrainer(config, model)
+    try:
+        trainer.fit(train_data, valid_data, saved=True)
+    finally:
+        logging.getLogger().removeHandler(records)
+    return model, trainer, records.messages, projector_at, backbone_before
+
+
+def test_stage_1_then_stage_2_each_logged(trained):
+    _, _, messages, _, _ = trained
+    stage_lines = [m for m in messages if "stage '" in m and "epochs" in m]
+    assert [TEXT_ONLY in stage_lines[0], UNIFIED in stage_lines[1], len(stage_lines)] == [True, True, 2]
+
+
+def test_projector_trains_in_stage_2_only(trained):
+    model, _, _, projector_at, _ = trained
+    unchanged = [torch.equal(a, b) for a, b in zip(projector_at["init"], projector_at[UNIFIED])]
+    assert all(unchanged)  # stage 1 (and its best checkpoint) left the projector alone
+    after = [p.detach() for p in model.projector.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(projector_at[UNIFIED], after))
+
+
+def test_base_llm_is_bit_identical_after_training(trained):
+    model, trainer, _, _, backbone_before = trained
+    backbone = load_llm("tiny-llama")
+    after = backbone.model.state_dict()
+    assert all(torch.equal(backbone_before[name], after[name]) for name in backbone_before)
+    assert not any(isinstance(module, LoraLayer) for module in backbone.model.modules())
+    saved = load_checkpoint(trainer.saved_model_file)["state_dict"]
+    assert not any(key.startswith("llm.") and "lora_" not in key for key in saved)
+    assert any("lora_B" in key for key in saved)
+
+
+def test_item_tower_runs_once_per_evaluation(trained, tiny):
+    model, trainer, _, _, _ = trained
+    _, _, valid_data, _ = tiny
+    calls = {"item_tower": 0, "full_sort_predict": 0}
+    for name in calls:
+        method = getattr(model, name)
+
+        def counted(*args, _method=method, _name=name):
+            calls[_name] += 1
+            return _method(*args)
+
+        setattr(model, name, counted)
+    try:
+        for _ in range(2):
+            trainer.evaluate(valid_data, load_best_model=False)
+    finally:
+        for name in calls:
+            delattr(model, name)
+    n_item_batches = math.ceil(model.n_items / model.item_batch_size)
+    assert calls == {"item_tower": 2 * n_item_batches, "full_sort_predict": 2 * len(valid_data)}
+    assert len(valid_data) > 1  # several user batches reuse one item matrix
+
+
+# ---- End to end ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("candidate_eval", [False, True])
+def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
+    result = run_recbole_llm(
+        model="RSLLM", dataset="ml-100k-tiny",
+        config_dict=tiny_config(workdir, **RSLLM_SIZES, candidate_eval=candidate_eval),
+    )
+    test_result = result["test_result"]
+    assert 0 <= test_result["ndcg@10"] <= 1 and 0 <= test_result["recall@10"] <= 1
+    assert ("hr@1_candidates" in test_result) == candidate_eval == ("valid_ratio" in test_result)
+    assert "hr@1_candidates" not in result["best_valid_result"]  # validation reads RecBole's metrics only
+    if candidate_eval:
+        assert 0 <= test_result["hr@1_candidates"] <= test_result["valid_ratio"] <= 1
+        assert "test hr@1_candidates" in comparison_rows([result])[0]
+    checkpoint = load_checkpoint(result["saved_model_file"])
+    assert checkpoint["stage"] in (TEXT_ONLY, UNIFIED)
+    assert not any(key.startswith("llm.") and "lora_" not in key for key in checkpoint["state_dict"])
