@@ -11,8 +11,8 @@ def comparison_rows(results):
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
         row[f"best valid {result['valid_metric']}"] = result["best_valid_score"]
         row["trainable params"] = result["trainable_parameters"]
-        row["train time (s)"] = round(result["train_time"], 1) if result["train_time"] is not None else None
-        row["eval time (s)"] = round(result["eval_time"], 1)
+        row["train time (s)"] = f"{result['train_time']:.1f}" if result["train_time"] is not None else None
+        row["eval time (s)"] = f"{result['eval_time']:.1f}"
         rows.append(row)
     return rows
 

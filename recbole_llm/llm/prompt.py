@@ -179,4 +179,6 @@ def _embed_with(inputs_embeds, learned):
     vectors = torch.cat([vectors.to(inputs_embeds.dtype) for _, vectors in learned], dim=1)  # [B, n_learned, d]
     rows = torch.arange(len(positions), device=positions.device)[:, None].expand_as(positions)
     here = positions >= 0
+    if inputs_embeds.is_leaf and inputs_embeds.requires_grad:  # an input-grad hook (checkpointing) made it a leaf
+        return inputs_embeds.index_put((rows[here], positions[here]), vectors[here])
     return inputs_embeds.index_put_((rows[here], positions[here]), vectors[here])
