@@ -10,13 +10,13 @@ import sys
 from logging import getLogger
 from time import time
 
-import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
 from recbole_llm.comparison import write_comparison
 from recbole_llm.config import Config
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.utils import get_model, get_trainer
 
 
@@ -123,6 +123,10 @@ def load_data_and_model(model_file):
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    model.load_state_dict(checkpoint["state_dict"], strict=False)
-    model.load_other_parameter(checkpoint.get("other_parameter"))
+    if isinstance(model, LLMSequentialRecommender):  # its checkpoint holds the trainable weights and the stage
+        model.set_stage(checkpoint["stage"])
+        model.load_checkpoint_state_dict(checkpoint["state_dict"])
+    else:
+        model.load_state_dict(checkpoint["state_dict"])
+        model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -161,6 +161,7 @@ class LLMTrainer(Trainer):
         if load_best_model and eval_data:
             self._load_best(model_file or self.saved_model_file)
         if eval_data:
+            self.model.eval()  # the hook computes item matrices: without dropout
             self.model.begin_evaluation()
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         if eval_data:

@@ -17,7 +17,8 @@ from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.collaborative import trained_checkpoint
 from recbole_llm.model.layers import MFormer, MFormerBlock, Routing
 from recbole_llm.model.sequential_recommender.laser import FROZEN_ITEMS, REFRESHED_ITEMS, Laser
-from recbole_llm.quick_start import run_recbole_llm
+from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
+from recbole_llm.utils import get_trainer
 from recbole_llm.trainer import LaserTrainer
 
 LASER_SIZES = {
@@ -421,3 +422,8 @@ def test_run_recbole_llm_end_to_end(tiny, tmp_path, ablation):
     )
     assert all(name.startswith(trained) for name in saved_names - {"item_matrix", "item_matrix_is_current"})
     assert os.path.getsize(result["saved_model_file"]) < 1_000_000  # tiny-llama: the item matrix is 221 KB
+    if not ablation:  # the checkpoint alone rebuilds the run: data, model, stage and trainable weights
+        config, model, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
+        assert model.stage == checkpoint["stage"] and result["companions"][0]["model"] == "SASRec (CF model of Laser)"
+        trainer = get_trainer(config["MODEL_TYPE"], "Laser")(config, model)
+        assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
