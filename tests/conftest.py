@@ -2,8 +2,10 @@
 
 import logging
 import os
+from contextlib import contextmanager
 
 import pytest
+import torch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_DATASET = "ml-100k-tiny"
@@ -35,3 +37,21 @@ def _isolated_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     yield
     logging.getLogger().handlers.clear()
+
+
+@contextmanager
+def module_workdir(tmp_path_factory, name):
+    """A working directory for a test module's shared fixtures, run single-threaded.
+
+    RecBole's trainers write log_tensorboard/ into the working directory; on tiny tensors torch's thread hand-offs
+    cost more than they save, several times over on a busy machine.
+    """
+    path = tmp_path_factory.mktemp(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(path)
+            yield path
+    finally:
+        torch.set_num_threads(threads)

@@ -17,6 +17,7 @@ from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
+from conftest import module_workdir
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
@@ -49,13 +50,8 @@ def save_recbole_checkpoint(config, model, path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("collaborative")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is as fast, and many times faster on a shared CPU
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)  # RecBole's trainer writes log_tensorboard/ into the working directory
+    with module_workdir(tmp_path_factory, "collaborative") as path:
         yield path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

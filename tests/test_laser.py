@@ -10,7 +10,7 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
-from conftest import tiny_config
+from conftest import module_workdir, tiny_config
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
@@ -49,13 +49,8 @@ def laser_config(checkpoint_root, **overrides):
 
 @pytest.fixture(scope="module", autouse=True)
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("laser")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread hand-offs cost more than they save, a lot on a busy machine
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)  # RecBole's trainers write log_tensorboard/ into the working directory
+    with module_workdir(tmp_path_factory, "laser") as path:
         yield path
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import tiny_config
+from conftest import module_workdir, tiny_config
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
 from recbole_llm.config import Config
@@ -49,9 +49,7 @@ def rsllm_config(checkpoint_root, **overrides):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rsllm")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(path)  # RecBole's trainers write log_tensorboard/ into the working directory
+    with module_workdir(tmp_path_factory, "rsllm") as path:
         yield path
 
 
