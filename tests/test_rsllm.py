@@ -26,6 +26,7 @@ from recbole_llm.trainer import RSLLMTrainer
 
 RSLLM_SIZES = {
     "llm_path": "tiny-llama",
+    "llm_layers": None,  # both of its 2 layers
     "lora_r": 4,
     "lora_dropout": 0.0,
     "max_prompt_items": 3,
@@ -318,7 +319,7 @@ def test_base_llm_is_bit_identical_after_training(trained):
     assert any("lora_B" in key for key in saved)
 
 
-def test_item_tower_runs_once_per_evaluation(trained, tiny):
+def test_item_tower_runs_once_per_evaluation_and_only_when_weights_changed(trained, tiny):
     model, trainer, _, _, _ = trained
     _, _, valid_data, _ = tiny
     calls = {"item_tower": 0, "full_sort_predict": 0}
@@ -330,15 +331,37 @@ def test_item_tower_runs_once_per_evaluation(trained, tiny):
             return _method(*args)
 
         setattr(model, name, counted)
+    n_item_batches = math.ceil(model.n_items / model.item_batch_size)
     try:
-        for _ in range(2):
-            trainer.evaluate(valid_data, load_best_model=False)
+        model.item_matrix = None
+        first = trainer.evaluate(valid_data, load_best_model=False)
+        assert calls == {"item_tower": n_item_batches, "full_sort_predict": len(valid_data)}
+        again = trainer.evaluate(valid_data, load_best_model=False)  # same weights: the item matrix is reused
+        assert calls == {"item_tower": n_item_batches, "full_sort_predict": 2 * len(valid_data)}
+        assert again == first
+        with torch.no_grad():
+            model.state_head.bias.add_(0.5)
+        trainer.evaluate(valid_data, load_best_model=False)  # a changed weight: computed again
+        assert calls == {"item_tower": 2 * n_item_batches, "full_sort_predict": 3 * len(valid_data)}
+        with torch.no_grad():
+            model.state_head.bias.sub_(0.5)
     finally:
         for name in calls:
             delattr(model, name)
-    n_item_batches = math.ceil(model.n_items / model.item_batch_size)
-    assert calls == {"item_tower": 2 * n_item_batches, "full_sort_predict": 2 * len(valid_data)}
     assert len(valid_data) > 1  # several user batches reuse one item matrix
+
+
+def test_llm_layers_runs_the_first_layers_and_leaves_the_shared_llm_whole(tiny, batch):
+    shallow = build_rsllm(tiny, llm_layers=1)
+    assert len(shallow.llm.get_base_model().get_decoder().layers) == 1
+    assert len(load_llm("tiny-llama").model.get_decoder().layers) == 2
+    losses = shallow.calculate_loss(batch)
+    assert all(torch.isfinite(loss) for loss in losses)
+    item_seq, item_len = batch[shallow.ITEM_SEQ][:2], batch[shallow.ITEM_SEQ_LEN][:2]
+    candidates = torch.arange(1, 11).reshape(2, 5)
+    assert len(shallow.answer_candidates(item_seq, item_len, candidates)) == 2  # generation runs on the cut model
+    with pytest.raises(RecBoleLLMError, match="llm_layers is 3: tiny-llama has 2 layers"):
+        build_rsllm(tiny, llm_layers=3)
 
 
 # ---- End to end ------------------------------------------------------------------------------------------------

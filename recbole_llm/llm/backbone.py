@@ -80,6 +80,18 @@ def load_llm(
     return _CACHE[key]
 
 
+def decoder_blocks(model: nn.Module, n_layers: int, llm_name: str) -> tuple[nn.Module, str, nn.ModuleList]:
+    """A causal LM's decoder (no LM head), the attribute name of its block list, and its first `n_layers` blocks
+    (the `llm_layers` CPU-budget option); a one-line error when the LLM has fewer."""
+    decoder = model.get_decoder()
+    name, blocks = next((name, child) for name, child in decoder.named_children() if isinstance(child, nn.ModuleList))
+    if not 1 <= n_layers <= len(blocks):
+        raise RecBoleLLMError(
+            f"llm_layers is {n_layers}: {llm_name} has {len(blocks)} layers, use 1 to {len(blocks)}, or None for all"
+        )
+    return decoder, name, blocks[:n_layers]
+
+
 def clear_llm_cache() -> None:
     """Forget every loaded LLM, so the next `load_llm` loads afresh (tests)."""
     _CACHE.clear()

@@ -16,6 +16,7 @@ from torch import nn
 
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
+from recbole_llm.llm.backbone import decoder_blocks
 from recbole_llm.llm.item_text import ItemTextTable
 from recbole_llm.llm.prompt import PromptAssembler
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
@@ -236,20 +237,12 @@ class Laser(LLMSequentialRecommender):
 def llm_decoder(backbone, n_layers):
     """The frozen LLM without its LM head, through only its first `n_layers` blocks when n_layers is set (a CPU
     budget option): a shallow copy with a cut block list that shares every weight, so the cached LLM stays whole."""
-    decoder = backbone.transformer()
     if not n_layers:
-        return decoder
-    blocks_name, blocks = next(
-        (name, child) for name, child in decoder.named_children() if isinstance(child, nn.ModuleList)
-    )
-    if not 1 <= n_layers <= len(blocks):
-        raise RecBoleLLMError(
-            f"llm_layers is {n_layers}: {backbone.name} has {len(blocks)} layers, "
-            f"use 1 to {len(blocks)}, or None for all"
-        )
+        return backbone.transformer()
+    decoder, blocks_name, first_blocks = decoder_blocks(backbone.model, n_layers, backbone.name)
     first_layers = copy.copy(decoder)
-    first_layers._modules = {**decoder._modules, blocks_name: blocks[:n_layers]}
-    getLogger().info(f"Laser reads the output of the first {n_layers} of the {len(blocks)} layers of {backbone.name}")
+    first_layers._modules = {**decoder._modules, blocks_name: first_blocks}
+    getLogger().info(f"Laser reads the output of the first {n_layers} layers of {backbone.name}")
     return first_layers
 
 

@@ -20,6 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
+from recbole_llm.llm.backbone import decoder_blocks
 from recbole_llm.llm.item_text import ItemTextTable
 from recbole_llm.llm.prompt import PromptAssembler
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
@@ -75,7 +76,8 @@ class RSLLM(LLMSequentialRecommender):
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
         self.title_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
 
-        self.item_matrix = None  # [n_items, d_llm] unit rows, computed once per evaluation by begin_evaluation
+        self.item_matrix = None  # [n_items, d_llm] unit rows, computed by begin_evaluation when the weights changed
+        self.item_matrix_weights = None  # the stage and trainable weights item_matrix was computed with
         self.set_stage(TEXT_ONLY)  # usable before any training stage ran, e.g. right after loading a checkpoint
         lora_parameters = sum(p.numel() for p in self.llm.parameters() if p.requires_grad)
         getLogger().info(f"RSLLM: LoRA adapters with {lora_parameters:,} parameters on {config['lora_target_modules']}")
@@ -106,8 +108,6 @@ class RSLLM(LLMSequentialRecommender):
                 module.lora_dropout.train(mode)  # ... but its LoRA adapters train, with their dropout
             if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
                 module.training = mode  # transformers recomputes a layer's activations only in training mode
-        if mode:
-            self.item_matrix = None  # the weights are about to change
         return self
 
     # ---- The LLM's pieces: input embeddings, decoder, LM head ------------------------------------------------
@@ -220,9 +220,13 @@ class RSLLM(LLMSequentialRecommender):
     @torch.no_grad()
     def begin_evaluation(self):
         self.eval()  # the trainer switches to eval mode only after this hook: no dropout in the item matrix
+        weights = (self.stage, self.checkpoint_state_dict())
+        if self.item_matrix is not None and same_weights(weights, self.item_matrix_weights):
+            return  # e.g. the test right after the last validation, with the best weights still loaded
         items = torch.arange(self.n_items, device=self.title_ids.device)
         item_matrix = torch.cat([self.item_tower(batch) for batch in items.split(self.item_batch_size)])
         self.item_matrix = F.normalize(item_matrix, dim=-1)  # [n_items, d_llm], reused by every user batch
+        self.item_matrix_weights = (self.stage, {name: tensor.clone() for name, tensor in weights[1].items()})
 
     def user_states(self, interaction):
         """Unit-norm user states [B, d_llm] of the histories of a batch."""
@@ -265,6 +269,14 @@ class RSLLM(LLMSequentialRecommender):
         return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
 
 
+def same_weights(first, second):
+    """Whether two (stage, state dict) pairs are equal, tensor by tensor."""
+    (stage, weights), (other_stage, other_weights) = first, second or (None, {})
+    return stage == other_stage and weights.keys() == other_weights.keys() and all(
+        torch.equal(weights[name], other_weights[name]) for name in weights
+    )
+
+
 def info_nce(queries, keys, positives, tau):
     """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
     other keys are its negatives."""
@@ -282,11 +294,13 @@ def joined(first, second):
 
 
 def with_lora(model, config):
-    """The shared frozen LLM wrapped with LoRA adapters (peft). peft edits the model it wraps, so it wraps a copy
-    of the modules that shares the weight tensors: the cached backbone stays adapter-free, and no second copy of
-    the weights is made."""
+    """The shared frozen LLM wrapped with LoRA adapters (peft), cut to its first `llm_layers` blocks when set.
+    peft edits the model it wraps, so it wraps a copy of the modules that shares the weight tensors: the cached
+    backbone stays whole and adapter-free, and no second copy of the weights is made."""
     shared_tensors = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
     modules = copy.deepcopy(model, memo=shared_tensors)
+    if config["llm_layers"]:
+        cut_layers(modules, config["llm_layers"], config["llm_path"])
     target_modules = config["lora_target_modules"]
     lora = LoraConfig(
         r=config["lora_r"],
@@ -301,6 +315,17 @@ def with_lora(model, config):
         raise RecBoleLLMError(
             f"lora_target_modules {lora.target_modules} do not fit {config['llm_path']}: {' '.join(str(error).split())}"
         ) from None
+
+
+def cut_layers(model, n_layers, llm_name):
+    """Keep the first n_layers blocks of a causal LM (a CPU-budget option): its LM head then reads block n_layers,
+    for every use of the model, generation included."""
+    decoder, blocks_name, first_blocks = decoder_blocks(model, n_layers, llm_name)
+    setattr(decoder, blocks_name, first_blocks)
+    model.config.num_hidden_layers = n_layers  # the decoder loops over this many blocks; caches are sized by it
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n_layers]
+    getLogger().info(f"RSLLM runs the first {n_layers} layers of {llm_name}")
 
 
 def template_parts(config, key, *placeholders):
@@ -341,6 +366,10 @@ def check_hyper_parameters(config):
     require(is_number(config["tau"]) and config["tau"] > 0, "tau", "a positive temperature")
     for key in ("stage1_epochs", "stage2_epochs"):
         require(is_int(config[key]) and config[key] >= 0, key, "an integer >= 0 (0 skips the stage)")
+    require(
+        config["llm_layers"] is None or is_int(config["llm_layers"]) and config["llm_layers"] > 0,
+        "llm_layers", "a positive number of layers, or None for all of them",
+    )
     for key in ("max_prompt_items", "item_batch_size"):
         require(is_int(config[key]) and config[key] > 0, key, "a positive integer")
     require(is_int(config["n_candidates"]) and config["n_candidates"] >= 2, "n_candidates", "an integer >= 2")
