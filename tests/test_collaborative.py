@@ -137,19 +137,27 @@ def test_sasrec_states_match_recboles_forward(tiny, sasrec):
     assert item_len.min() == 1  # the batch holds one-item histories too
 
 
-def test_bert4rec_states_match_recboles_prediction(tiny, bert4rec):
+def test_bert4rec_states_end_at_the_mask_token_after_the_last_item(tiny, bert4rec):
     _, dataset, batch = tiny
     item_seq, item_len = batch["item_id_list"], batch["item_length"]
     states, valid, last = bert4rec.encode(item_seq, item_len)
     reference = recbole_model(bert4rec, dataset)
+    full = item_len == item_seq.shape[1]
+    assert full.any() and (item_len == 1).any()  # the batch holds full and one-item histories
 
-    masked_seq = reference.reconstruct_test_data(item_seq, item_len)
-    assert torch.equal(last, reference.gather_indexes(reference(masked_seq), item_len - 1))
+    masked_seq, mask_position = bert4rec.with_mask_token(item_seq, item_len)
+    rows = torch.arange(len(item_seq))
+    assert torch.equal(masked_seq[rows, mask_position], torch.full_like(item_len, reference.mask_token))
+    assert torch.equal(masked_seq[~full][:, :-1].masked_fill(masked_seq[~full][:, :-1] == reference.mask_token, 0),
+                       item_seq[~full][:, :-1])  # a history with room keeps every item, its oldest included
+    assert torch.equal(masked_seq[full], reference.reconstruct_test_data(item_seq, item_len)[full])
+    assert torch.equal(last, states[rows, mask_position])
+    assert torch.equal(last, reference.gather_indexes(reference(masked_seq), mask_position))
     scores = last @ bert4rec.item_embeddings.T + reference.output_bias
-    assert torch.allclose(scores, reference.full_sort_predict(batch), atol=1e-5)
+    assert torch.allclose(scores[full], reference.full_sort_predict(batch)[full], atol=1e-5)  # RecBole's, when full
     assert bert4rec.item_embeddings.shape == (dataset.item_num, 32)  # the mask token's row left out
     assert states.shape == (len(item_seq), 20, 32)
-    assert torch.equal(valid.sum(dim=1), item_len - 1)  # RecBole drops the oldest item for the mask token
+    assert torch.equal(valid.sum(dim=1), torch.where(full, item_len, item_len + 1))  # the items and the mask token
     assert not states[~valid].any()
 
 

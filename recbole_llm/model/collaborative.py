@@ -85,16 +85,15 @@ class CollaborativeEncoder(nn.Module):
     def encode(self, item_seq, item_len):
         """Hidden states of item sequences [B, L] (padded at the end), as RecBole's model computes them.
 
-        Returns the states of all positions [B, L, d] (zero where ``valid`` is False), ``valid`` [B, L] (True on
-        real items) and the last state [B, d]: SASRec's output at the last item, BERT4Rec's at the mask token that
-        RecBole appends for prediction. BERT4Rec, as RecBole, drops the oldest item to make room for that token,
-        so a history of n items has n - 1 valid states, left-aligned.
+        Returns the states of all positions [B, L, d] (zero where ``valid`` is False), ``valid`` [B, L] and the
+        user state [B, d] the model predicts the next item from: SASRec's output at the last item, BERT4Rec's at the
+        mask token appended after it (``valid`` covers the real items and, for BERT4Rec, that mask token).
         """
         if isinstance(self.recommender, BERT4Rec):
-            masked_seq = self.recommender.reconstruct_test_data(item_seq, item_len)  # [B, L]
+            masked_seq, mask_position = self.with_mask_token(item_seq, item_len)  # [B, L], [B]
             states = self.recommender(masked_seq)  # [B, L, d]
-            last = self.recommender.gather_indexes(states, item_len - 1)
-            valid = (masked_seq > 0) & (masked_seq != self.recommender.mask_token)
+            last = self.recommender.gather_indexes(states, mask_position)
+            valid = masked_seq > 0
         else:
             encoder_outputs = []  # SASRec.forward keeps only the last position; hook its encoder for all of them
             hook = self.recommender.trm_encoder.register_forward_hook(
@@ -106,6 +105,17 @@ class CollaborativeEncoder(nn.Module):
                 hook.remove()
             states, valid = encoder_outputs[0], item_seq > 0
         return states.masked_fill(~valid.unsqueeze(-1), 0.0), valid, last
+
+
+    def with_mask_token(self, item_seq, item_len):
+        """BERT4Rec's input for predicting the next item: the mask token right after the last item [B, L], and its
+        position [B]. Only a full history loses its oldest item to make room; RecBole's reconstruct_test_data
+        drops it from every history, which turns a one-item history into the mask token alone."""
+        max_len = item_seq.shape[1]
+        full = (item_len >= max_len)[:, None]  # [B, 1]
+        shifted = torch.where(full, item_seq.roll(-1, dims=1), item_seq)
+        mask_position = item_len.clamp(max=max_len - 1)  # [B]
+        return shifted.scatter(1, mask_position[:, None], self.recommender.mask_token), mask_position
 
 
 def item_id_fingerprint(dataset):

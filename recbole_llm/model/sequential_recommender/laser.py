@@ -121,12 +121,7 @@ class Laser(LLMSequentialRecommender):
             return None, None
         if self.prefix_mode == "free":
             return self.free_prefix.expand(len(item_seq), -1, -1), None
-        cf_states, valid, last = self.cf_encoder.encode(item_seq, item_len)  # [B, L, d_cf], [B, L], [B, d_cf]
-        # The CF model's own user state sits at item_len - 1 (SASRec: the last item; BERT4Rec: its mask token, left
-        # out of `valid`); keeping it valid gives even a one-item history a state to read.
-        rows = torch.arange(len(item_seq), device=item_seq.device)
-        cf_states = cf_states.index_put((rows, item_len - 1), last)
-        valid = valid.index_put((rows, item_len - 1), torch.ones_like(rows, dtype=torch.bool))
+        cf_states, valid, _ = self.cf_encoder.encode(item_seq, item_len)  # [B, L, d_cf], [B, L]
         return self.mformer(cf_states, valid)
 
     # ---- Bi-Tuning: the LLM's output at the suffix of [prefix ; prompt ; suffix] -------------------------------
