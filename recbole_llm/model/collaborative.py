@@ -36,7 +36,7 @@ CARRIED_KEYS = [
 NOT_IN_CACHE_KEY = {
     "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
     "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
-    "dataloaders_save_path", "single_spec", "local_rank",
+    "dataloaders_save_path", "single_spec", "local_rank", "resume",
 }
 
 
@@ -195,6 +195,7 @@ def trained_checkpoint(config, dataset):
     checkpoint["item_id_fingerprint"] = item_id_fingerprint(dataset)
     save_checkpoint_atomically(checkpoint, path)
     os.remove(trainer.saved_model_file)
+    os.remove(trainer.last_checkpoint_file)  # its resume point: the cache is written only by a finished training
     getLogger().info(f"collaborative encoder: trained {model_name}, saved to {path}")
     return path
 
