@@ -50,21 +50,15 @@ class CollaborativeEncoder(nn.Module):
     def __init__(self, config, dataset):
         super().__init__()
         cf_model = config["cf_model"]
-        if cf_model not in CF_MODELS:
-            raise RecBoleLLMError(f"cf_model must be SASRec or BERT4Rec, got {cf_model!r}: set cf_model=SASRec")
         self.n_items = dataset.item_num
+        checkpoint = load_given_checkpoint(config, dataset)
         with preserved_random_state():  # building or training the CF model must not shift the LLM model's init
-            if config["cf_checkpoint"]:
-                self.checkpoint_path = config["cf_checkpoint"]
-                if not os.path.isfile(self.checkpoint_path):
-                    raise RecBoleLLMError(
-                        f"cf_checkpoint {self.checkpoint_path} does not exist: pass the .pth file RecBole's trainer "
-                        f"wrote for {cf_model} on {config['dataset']}, or drop cf_checkpoint to train one"
-                    )
-            else:
+            if checkpoint is None:
                 self.checkpoint_path = trained_checkpoint(config, dataset)
-            checkpoint = load_checkpoint(self.checkpoint_path)
-            check_checkpoint_fits(checkpoint, self.checkpoint_path, config, dataset)
+                checkpoint = load_checkpoint(self.checkpoint_path)
+                check_checkpoint_fits(checkpoint, self.checkpoint_path, config, dataset)
+            else:
+                self.checkpoint_path = config["cf_checkpoint"]
             self.recommender = CF_MODELS[cf_model](checkpoint["config"], dataset)
             self.recommender.load_state_dict(checkpoint["state_dict"])
         self.recommender.requires_grad_(False)
@@ -106,6 +100,24 @@ class CollaborativeEncoder(nn.Module):
                 hook.remove()
             states, valid = encoder_outputs[0], item_seq > 0
         return states.masked_fill(~valid.unsqueeze(-1), 0.0), valid, last
+
+
+def load_given_checkpoint(config, dataset):
+    """The cf_checkpoint the user named, checked against this run's cf_model and dataset; None when none is named.
+    Cheap, so models call it first too: a misfit checkpoint fails before the LLM loads."""
+    cf_model, path = config["cf_model"], config["cf_checkpoint"]
+    if cf_model not in CF_MODELS:
+        raise RecBoleLLMError(f"cf_model must be SASRec or BERT4Rec, got {cf_model!r}: set cf_model=SASRec")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise RecBoleLLMError(
+            f"cf_checkpoint {path} does not exist: pass the .pth file RecBole's trainer wrote for {cf_model} on "
+            f"{config['dataset']}, or drop cf_checkpoint to train one"
+        )
+    checkpoint = load_checkpoint(path)
+    check_checkpoint_fits(checkpoint, path, config, dataset)
+    return checkpoint
 
 
 def item_id_fingerprint(dataset):
