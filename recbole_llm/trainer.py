@@ -2,6 +2,7 @@
 interrupted runs, and the LLMTrainer that trains LLM-based models stage by stage (RSLLMTrainer adds RSLLM's
 candidate evaluation)."""
 
+import functools
 import math
 import os
 from contextlib import contextmanager
@@ -26,6 +27,20 @@ BATCH_SIZE_KEYS = {
     "eval": ("eval_batch_size", "evaluating"),
     "items": ("item_batch_size", "computing item embeddings"),
 }
+
+
+def advises_on_out_of_memory(phase):
+    """A trainer method whose CUDA out-of-memory error becomes one line naming the batch size of `phase` to lower."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def advised(self, *args, **kwargs):
+            with self._out_of_memory_advice(phase):
+                return method(self, *args, **kwargs)
+
+        return advised
+
+    return decorate
 
 
 class SafeCheckpointMixin:
@@ -81,10 +96,10 @@ class SafeCheckpointMixin:
         self._save_last_checkpoint(self._epoch, finished=True)
         return result
 
+    @advises_on_out_of_memory("train")
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self._begin_epoch(epoch_idx)
-        with self._out_of_memory_advice("train"):
-            return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
 
     def _begin_epoch(self, epoch_idx):
         """Saves the resume point that the epochs finished so far left (the previous one, validated)."""
@@ -238,6 +253,7 @@ class LLMTrainer(Trainer):
     def _batches_per_epoch(self, train_data):
         return min(len(train_data), self.train_batches_per_epoch or len(train_data))
 
+    @advises_on_out_of_memory("train")
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self._begin_epoch(epoch_idx)
         self.model.train()
@@ -255,28 +271,27 @@ class LLMTrainer(Trainer):
         total_loss = None  # summed on the device: no host sync per step
         first_non_finite = torch.tensor(n_batches, device=self.device)  # index of the first nan/inf loss, if any
         self.optimizer.zero_grad()
-        with self._out_of_memory_advice("train"):
-            for batch_idx, interaction in enumerate(batches):
-                interaction = interaction.to(self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    losses = loss_func(interaction)
-                loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
-                loss = loss_terms.sum()
-                (loss / self.grad_accum_steps).backward()
-                total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
-                first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
-                last_batch = batch_idx + 1 == n_batches
-                if (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch:
-                    if self.clip_grad_norm:
-                        clip_grad_norm_(parameters, **self.clip_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
-                if show_progress and batch_idx % 10 == 0:
-                    batches.set_postfix(loss=f"{loss.item():.4f}")
-                    self._stop_on_non_finite_loss(first_non_finite, n_batches)  # the host waits here anyway
-                if last_batch:
-                    break  # a capped epoch: the shuffled loader gives a different subset each epoch
+        for batch_idx, interaction in enumerate(batches):
+            interaction = interaction.to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                losses = loss_func(interaction)
+            loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
+            loss = loss_terms.sum()
+            (loss / self.grad_accum_steps).backward()
+            total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
+            first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
+            last_batch = batch_idx + 1 == n_batches
+            if (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch:
+                if self.clip_grad_norm:
+                    clip_grad_norm_(parameters, **self.clip_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            if show_progress and batch_idx % 10 == 0:
+                batches.set_postfix(loss=f"{loss.item():.4f}")
+                self._stop_on_non_finite_loss(first_non_finite, n_batches)  # the host waits here anyway
+            if last_batch:
+                break  # a capped epoch: the shuffled loader gives a different subset each epoch
         self._stop_on_non_finite_loss(first_non_finite, n_batches)
         epoch_losses = total_loss.tolist()
         return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]

@@ -108,7 +108,7 @@ def last_of(best_file):
     ],
 )
 def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
-    model, stage, epoch, tmp_path, cf_checkpoint, uninterrupted, monkeypatch
+    model, stage, epoch, tmp_path, cf_checkpoint, uninterrupted, monkeypatch, caplog
 ):
     expected = uninterrupted(model)
     with monkeypatch.context() as patch:
@@ -124,6 +124,7 @@ def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
     else:  # the state at the end of the stage before
         assert (last["stage"], last["finished"]) == (stages[stages.index(stage) - 1], True)
     assert {"optimizer", "scheduler", "random_state", "best_valid_score", "best_valid_result"} <= set(last)
+    assert f"interrupted: --resume={checkpoint_dir / last_file} continues this run" in caplog.text
 
     resumed = run(model, tmp_path, cf_checkpoint, resume=str(checkpoint_dir / last_file))
     assert_resumed_run_matches(resumed, expected, checkpoint_dir, last["best_model_file"])
