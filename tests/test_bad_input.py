@@ -74,6 +74,17 @@ def cli(tmp_path, monkeypatch, capsys, cf_checkpoint):
     return run
 
 
+@pytest.fixture
+def no_llm(monkeypatch):
+    """Fails the test if the LLM loads: a settings error must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the error was found")
+
+    for model in ("laser", "rsllm"):
+        monkeypatch.setattr(f"recbole_llm.model.sequential_recommender.{model}.load_llm", refuse)
+
+
 def snapshot(folder):
     """Every file under folder: its modification time and content hash."""
     files = {}
@@ -101,11 +112,13 @@ def test_unknown_dataset(cli, tmp_path):
     assert "dataset 'ml-1k' not found" in cli(dataset="ml-1k", data_path=str(tmp_path))
 
 
+@pytest.mark.usefixtures("no_llm")
 def test_dataset_without_the_item_text_field(cli):
     error = cli(item_text_fields=["brand"], item_text_template="{brand}")
     assert "item_text_fields ['brand'] are not item features" in error and "movie_title, release_year, class" in error
 
 
+@pytest.mark.usefixtures("no_llm")
 def test_items_with_empty_text(cli, tmp_path):
     data_path = tmp_path / "data"
     shutil.copytree(os.path.join(TESTS_DIR, "data", TINY_DATASET), data_path / TINY_DATASET)
@@ -127,11 +140,13 @@ def cf_checkpoint_of(cf_checkpoint, path, **config_changes):
     return str(path)
 
 
+@pytest.mark.usefixtures("no_llm")
 def test_cf_checkpoint_of_another_dataset(cli, cf_checkpoint, tmp_path):
     other = cf_checkpoint_of(cf_checkpoint, tmp_path / "sasrec-ml-1m.pth", dataset="ml-1m")
     assert f"cf_checkpoint {other} was trained on ml-1m" in cli(cf_checkpoint=other)
 
 
+@pytest.mark.usefixtures("no_llm")
 def test_cf_checkpoint_with_another_hidden_size(cli):
     assert "has hidden size 32 but cf_hidden_size is 64: set cf_hidden_size=32" in cli(cf_hidden_size=64)
 
@@ -145,6 +160,7 @@ def test_llm_path_that_is_not_a_causal_lm(cli, tmp_path):
     assert "holds a 'bert' model, which is not a decoder-only causal LM" in cli(llm_path=str(tmp_path / "bert"))
 
 
+@pytest.mark.usefixtures("no_llm")
 @pytest.mark.parametrize(
     "model, setting, fragment",
     [
@@ -157,6 +173,7 @@ def test_sizes_that_must_be_positive(cli, model, setting, fragment):
     assert fragment in cli(model=model, **setting)
 
 
+@pytest.mark.usefixtures("no_llm")
 @pytest.mark.parametrize(
     "model, setting, fragment",
     [
@@ -170,12 +187,14 @@ def test_prompt_templates_missing_their_placeholder(cli, model, setting, fragmen
     assert fragment in cli(model=model, **setting)
 
 
+@pytest.mark.usefixtures("no_llm")
 @pytest.mark.parametrize("model", ["Laser", "SASRec"])
 def test_resume_from_a_checkpoint_that_does_not_exist(cli, tmp_path, model):
     missing = tmp_path / "saved" / f"{model}-gone-last.pth"
     assert f"checkpoint '{missing}' does not exist" in cli(model=model, resume=str(missing))
 
 
+@pytest.mark.usefixtures("no_llm")
 def test_resume_from_a_checkpoint_of_another_model_or_dataset(cli, cf_checkpoint, tmp_path):
     # the cached CF model is a SASRec run of ml-100k-tiny written by the plugin's trainer: resumable, by SASRec
     assert "is a checkpoint of model SASRec, but this run's model is Laser" in cli(resume=cf_checkpoint)
