@@ -22,6 +22,8 @@ def main():
     except RecBoleLLMError as error:
         print(f"recbole_llm: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the log's last line says how to resume
+        sys.exit(130)
 
 
 if __name__ == "__main__":

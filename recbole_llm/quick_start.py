@@ -17,6 +17,7 @@ from recbole_llm.comparison import write_comparison
 from recbole_llm.config import Config
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.resume import read_resume_checkpoint, resume_file
 from recbole_llm.utils import get_model, get_trainer
 
 
@@ -28,6 +29,9 @@ def count_parameters(model):
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
     """Train, validate and test one model; returns RecBole's result dict plus sizes and timings."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    resume = resume_file(config)
+    if resume:
+        read_resume_checkpoint(resume, config)  # a wrong file fails now, before the LLM or the CF model is built
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -45,10 +49,17 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(set_color("trainable parameters", "blue") + f": {trainable:,} of {total:,}")
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if resume:
+        trainer.resume_checkpoint(resume)
     train_start = time()
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
-    )
+    try:
+        best_valid_score, best_valid_result = trainer.fit(
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        )
+    except KeyboardInterrupt:
+        if trainer.last_checkpoint_file and os.path.isfile(trainer.last_checkpoint_file):
+            logger.warning(f"interrupted: --resume={trainer.last_checkpoint_file} continues this run")
+        raise
     eval_start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     eval_end = time()

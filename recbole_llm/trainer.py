@@ -1,8 +1,11 @@
-"""Trainers: RecBole's, made to load checkpoints under torch >= 2.6 and to write them atomically, and the
-LLMTrainer that trains LLM-based models stage by stage (RSLLMTrainer adds RSLLM's candidate evaluation)."""
+"""Trainers: RecBole's, made to load checkpoints under torch >= 2.6, to write them atomically and to resume
+interrupted runs, and the LLMTrainer that trains LLM-based models stage by stage (RSLLMTrainer adds RSLLM's
+candidate evaluation)."""
 
+import functools
 import math
 import os
+from contextlib import contextmanager
 from logging import getLogger
 
 import torch
@@ -15,10 +18,40 @@ from transformers import get_cosine_schedule_with_warmup
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
+from recbole_llm.resume import last_checkpoint_path, random_state, read_resume_checkpoint, restore_random_state
+
+
+# the setting that sizes the batches of each phase that may run out of memory
+BATCH_SIZE_KEYS = {
+    "train": ("train_batch_size", "training"),
+    "eval": ("eval_batch_size", "evaluating"),
+    "items": ("item_batch_size", "computing item embeddings"),
+}
+
+
+def advises_on_out_of_memory(phase):
+    """A trainer method whose CUDA out-of-memory error becomes one line naming the batch size of `phase` to lower."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def advised(self, *args, **kwargs):
+            with self._out_of_memory_advice(phase):
+                return method(self, *args, **kwargs)
+
+        return advised
+
+    return decorate
 
 
 class SafeCheckpointMixin:
-    """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume) and writes atomically."""
+    """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume), writes checkpoints
+    atomically, keeps a resume point after every epoch (recbole_llm.resume), and turns a non-finite loss and CUDA's
+    out-of-memory error into one line that says what to change."""
+
+    last_checkpoint_file = None  # <best>-last.pth while a fit that saves checkpoints runs
+    _train_data = None  # the running fit's training dataloader: its shuffle generator is part of a resume point
+    _pending_random_state = None  # a resumed checkpoint's random state, restored when fit starts
+    _epoch = None  # the epoch being trained
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
@@ -26,21 +59,60 @@ class SafeCheckpointMixin:
             checkpoint = load_checkpoint(checkpoint_file, self.device)
             self.load_model_state(checkpoint)
             getLogger().info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        with self._out_of_memory_advice("eval"):
+            return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
     def load_model_state(self, checkpoint):
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 
     def resume_checkpoint(self, resume_file):
-        checkpoint = load_checkpoint(str(resume_file), self.device)
-        self.saved_model_file = str(resume_file)
-        self.start_epoch = checkpoint["epoch"] + 1
-        self.cur_step = checkpoint["cur_step"]
-        self.best_valid_score = checkpoint["best_valid_score"]
+        checkpoint = read_resume_checkpoint(resume_file, self.config)
+        self._restore_training_state(checkpoint)
+        self._pending_random_state = checkpoint["random_state"]
+        getLogger().info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _restore_training_state(self, checkpoint):
+        """Weights, optimizer, early-stopping counter and best so far; fit goes on after the checkpoint's epoch."""
         self.load_model_state(checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        getLogger().info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        self.start_epoch = self.epochs if checkpoint["finished"] else checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.best_valid_result = checkpoint["best_valid_result"]
+        self.saved_model_file = checkpoint["best_model_file"]  # improvements of the resumed run go on replacing it
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._train_data = train_data
+        self.last_checkpoint_file = last_checkpoint_path(self.saved_model_file) if saved else None
+        if self._pending_random_state is not None:
+            restore_random_state(self._pending_random_state, train_data)
+            self._pending_random_state = None
+            if self.start_epoch >= self.epochs:  # resumed after its last epoch (RecBole would overwrite the best)
+                return self.best_valid_score, self.best_valid_result
+        if saved:
+            self.logger.info(f"state after every epoch: {self.last_checkpoint_file} (--resume=FILE continues from it)")
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self._save_last_checkpoint(self._epoch, finished=True)
+        return result
+
+    @advises_on_out_of_memory("train")
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._begin_epoch(epoch_idx)
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+
+    def _begin_epoch(self, epoch_idx):
+        """Saves the resume point that the epochs finished so far left (the previous one, validated)."""
+        if epoch_idx > self.start_epoch:
+            self._save_last_checkpoint(epoch_idx - 1)
+        self._epoch = epoch_idx
+
+    def _save_last_checkpoint(self, epoch, finished=False):
+        if self.last_checkpoint_file is None or epoch is None:
+            return
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        save_checkpoint_atomically(self.checkpoint_state(epoch, finished), self.last_checkpoint_file)
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
@@ -50,16 +122,48 @@ class SafeCheckpointMixin:
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
-    def checkpoint_state(self, epoch):
+    def checkpoint_state(self, epoch, finished=False):
         return {
             "config": self.config,
             "epoch": epoch,
+            "finished": finished,  # no epoch of its fit is left to train
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,
-            "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
+            "best_valid_result": self.best_valid_result,
+            "best_model_file": self.saved_model_file,
+            **self.model_state(),
             "optimizer": self.optimizer.state_dict(),
+            "random_state": random_state(self._train_data),
         }
+
+    def model_state(self):
+        return {"state_dict": self.model.state_dict(), "other_parameter": self.model.other_parameter()}
+
+    def _check_nan(self, loss):
+        if not torch.isfinite(loss):
+            raise self._non_finite_loss_error(f"epoch {self._epoch}")
+
+    def _non_finite_loss_error(self, where):
+        kept = [path for path in (self.saved_model_file, self.last_checkpoint_file) if path and os.path.isfile(path)]
+        kept = f"the last good checkpoints are kept: {', '.join(kept)}" if kept else "no checkpoint was written before"
+        return RecBoleLLMError(
+            f"the training loss became nan or inf at {where}, so training stopped; {kept}; "
+            f"lower learning_rate (now {self.learning_rate}) or set clip_grad_norm (e.g. {{'max_norm': 1.0}})"
+        )
+
+    @contextmanager
+    def _out_of_memory_advice(self, phase):
+        """CUDA's out-of-memory error in `phase` (train, eval or items) as one line naming the batch size to lower."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise RecBoleLLMError(f"CUDA out of memory {self._batch_size_advice(phase)}") from None
+
+    def _batch_size_advice(self, phase):
+        """Which batch size to lower when `phase` (train, eval or items) ran out of CUDA memory, and to what."""
+        key, doing = BATCH_SIZE_KEYS[phase]
+        size = self.config[key]
+        return f"while {doing} ({key}={size}): lower {key}" + (f", e.g. to {size // 2}" if size > 1 else "")
 
 
 class Trainer(SafeCheckpointMixin, RecBoleTrainer):
@@ -82,6 +186,7 @@ class LLMTrainer(Trainer):
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.scheduler = None
         self.stage = None
+        self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
     def _build_optimizer(self, **kwargs):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -109,19 +214,51 @@ class LLMTrainer(Trainer):
         stages = [stage for stage in self.model.training_stages() if stage.epochs > 0]
         if not stages:
             raise RecBoleLLMError(f"{self.config['model']} has no training stage with epochs > 0: set the stage epochs")
-        for index, stage in enumerate(stages):
-            if index > 0 and saved and os.path.isfile(self.saved_model_file):
+        resume, self._resume_from = self._resume_from, None
+        first = self._resume_stage_index(stages, resume)
+        for index, stage in enumerate(stages[first:], start=first):
+            resuming = resume is not None and index == first
+            if index > 0 and saved and not resuming and os.path.isfile(self.saved_model_file):
                 self._load_best(self.saved_model_file)  # each stage starts from the best weights so far
             self._start_stage(stage, self._batches_per_epoch(train_data))
+            if resuming:  # after the stage's setup, which the checkpoint's state then overwrites
+                self._restore_training_state(resume)
+                self._pending_random_state = resume["random_state"]
             super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         return self.best_valid_score, self.best_valid_result
+
+    def resume_checkpoint(self, resume_file):
+        """Remembers where to go on: fit skips the stages before the checkpoint's and restores it in its stage."""
+        checkpoint = read_resume_checkpoint(resume_file, self.config)
+        self._resume_stage_index([stage for stage in self.model.training_stages() if stage.epochs > 0], checkpoint)
+        self._resume_from = checkpoint
+        done = "at its end" if checkpoint["finished"] else f"after epoch {checkpoint['epoch']}"
+        self.logger.info(f"Checkpoint loaded. Resume training in stage '{checkpoint['stage']}' {done}")
+
+    def _resume_stage_index(self, stages, checkpoint):
+        if checkpoint is None:
+            return 0
+        names = [stage.name for stage in stages]
+        if checkpoint["stage"] not in names:
+            raise RecBoleLLMError(
+                f"the checkpoint to resume stopped in stage '{checkpoint['stage']}', which this run does not train "
+                f"(stages with epochs > 0: {', '.join(names)}): use the stage epochs of the interrupted run"
+            )
+        return names.index(checkpoint["stage"])
+
+    def _restore_training_state(self, checkpoint):
+        super()._restore_training_state(checkpoint)
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
 
     def _batches_per_epoch(self, train_data):
         return min(len(train_data), self.train_batches_per_epoch or len(train_data))
 
+    @advises_on_out_of_memory("train")
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._begin_epoch(epoch_idx)
         self.model.train()
-        self.model.begin_epoch(epoch_idx)
+        with self._out_of_memory_advice("items"):
+            self.model.begin_epoch(epoch_idx)
         loss_func = loss_func or self.model.calculate_loss
         if not self.config["single_spec"] and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)
@@ -132,6 +269,7 @@ class LLMTrainer(Trainer):
         )
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         total_loss = None  # summed on the device: no host sync per step
+        first_non_finite = torch.tensor(n_batches, device=self.device)  # index of the first nan/inf loss, if any
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
@@ -141,6 +279,7 @@ class LLMTrainer(Trainer):
             loss = loss_terms.sum()
             (loss / self.grad_accum_steps).backward()
             total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
+            first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
             last_batch = batch_idx + 1 == n_batches
             if (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch:
                 if self.clip_grad_norm:
@@ -150,11 +289,28 @@ class LLMTrainer(Trainer):
                 self.optimizer.zero_grad()
             if show_progress and batch_idx % 10 == 0:
                 batches.set_postfix(loss=f"{loss.item():.4f}")
+                self._stop_on_non_finite_loss(first_non_finite, n_batches)  # the host waits here anyway
             if last_batch:
                 break  # a capped epoch: the shuffled loader gives a different subset each epoch
-        self._check_nan(total_loss.sum())
+        self._stop_on_non_finite_loss(first_non_finite, n_batches)
         epoch_losses = total_loss.tolist()
         return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]
+
+    def _stop_on_non_finite_loss(self, first_non_finite, n_batches):
+        batch_idx = int(first_non_finite)
+        if batch_idx < n_batches:
+            raise self._non_finite_loss_error(f"batch {batch_idx} of epoch {self._epoch} in stage '{self.stage.name}'")
+
+    def _batch_size_advice(self, phase):
+        size = self.config["train_batch_size"]
+        if phase != "train":
+            return super()._batch_size_advice(phase)
+        if size == 1:
+            return "while training with train_batch_size=1: set gradient_checkpointing=True or use a smaller LLM"
+        return (
+            f"{super()._batch_size_advice(phase)} with --grad_accum_steps={2 * self.grad_accum_steps} to keep the "
+            f"effective batch of {size * self.grad_accum_steps}, or set gradient_checkpointing=True"
+        )
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -162,7 +318,8 @@ class LLMTrainer(Trainer):
             self._load_best(model_file or self.saved_model_file)
         if eval_data:
             self.model.eval()  # the hook computes item matrices: without dropout
-            self.model.begin_evaluation()
+            with self._out_of_memory_advice("items"):
+                self.model.begin_evaluation()
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         if eval_data:
             self.model.end_evaluation()
@@ -176,17 +333,11 @@ class LLMTrainer(Trainer):
         self.model.set_stage(checkpoint["stage"])
         self.model.load_checkpoint_state_dict(checkpoint["state_dict"])
 
-    def checkpoint_state(self, epoch):
-        return {
-            "config": self.config,
-            "epoch": epoch,
-            "stage": self.model.stage,
-            "cur_step": self.cur_step,
-            "best_valid_score": self.best_valid_score,
-            "state_dict": self.model.checkpoint_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+    def model_state(self):
+        return {"stage": self.model.stage, "state_dict": self.model.checkpoint_state_dict()}
+
+    def checkpoint_state(self, epoch, finished=False):
+        return {**super().checkpoint_state(epoch, finished), "scheduler": self.scheduler.state_dict()}
 
 
 class LaserTrainer(LLMTrainer):
@@ -212,7 +363,8 @@ class RSLLMTrainer(LLMTrainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
         if eval_data and self.config["candidate_eval"] and not self.validating:
-            result.update(self.candidate_evaluation(eval_data))
+            with self._out_of_memory_advice("eval"):
+                result.update(self.candidate_evaluation(eval_data))
         return result
 
     def candidate_evaluation(self, eval_data):

@@ -11,8 +11,8 @@ from torch import nn
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.llm.item_text import ItemTextTable
-from recbole_llm.llm.prompt import PromptAssembler
+from recbole_llm.llm.item_text import ItemTextTable, item_texts, item_texts_from_config
+from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 
 HEAD = "You are a recommendation assistant. In chronological order, the user has watched the following movies:"
 MARKER = " >> {index}."
@@ -47,7 +47,7 @@ def dataset_and_batch():
 @pytest.fixture(scope="module")
 def item_text(dataset_and_batch, tokenizer):
     config, dataset, _ = dataset_and_batch
-    return ItemTextTable.from_config(config, dataset, tokenizer)
+    return ItemTextTable.from_config(config, item_texts_from_config(config, dataset), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -117,34 +117,43 @@ def test_item_ids_are_the_tokenization_with_a_leading_space(dataset_and_batch, i
 
 
 def test_long_texts_are_truncated(dataset_and_batch, tokenizer):
-    table = ItemTextTable(dataset_and_batch[1], tokenizer, ["movie_title", "class"], "{movie_title} {class}", 4)
+    table = ItemTextTable(item_texts(dataset_and_batch[1], ["movie_title", "class"], "{movie_title} {class}"), tokenizer, 4)
     assert table.token_ids.shape[1] == 4 and table.lengths.max() == 4
 
 
 def test_unknown_field_names_the_existing_ones(dataset_and_batch, tokenizer):
     with pytest.raises(RecBoleLLMError) as error:
-        ItemTextTable(dataset_and_batch[1], tokenizer, ["brand"], "{brand}", 24)
+        item_texts(dataset_and_batch[1], ["brand"], "{brand}")
     message = str(error.value)
     assert "movie_title, release_year, class" in message and "item_text_fields" in message and "\n" not in message
 
 
-def test_items_without_text_are_counted_in_one_warning(dataset_and_batch, tokenizer, caplog):
+def test_items_without_text_are_an_error_or_written_as_their_id(dataset_and_batch, tokenizer, caplog):
     dataset = copy.copy(dataset_and_batch[1])
     dataset.item_feat = copy.deepcopy(dataset.item_feat)
     for field in ["movie_title", "release_year"]:
         dataset.item_feat[field][[3, 4]] = 0  # RecBole's padding id: the feature row is missing
+    fields, template = ["movie_title", "release_year"], "{movie_title} ({release_year})"
+    ids = [dataset.id2token("item_id", item) for item in (3, 4)]
+    with pytest.raises(RecBoleLLMError) as error:
+        item_texts(dataset, fields, template)
+    assert f"2 of {dataset.item_num - 1} items have no text in item_text_fields" in str(error.value)
+    assert f"(item ids {ids[0]}, {ids[1]})" in str(error.value) and "empty_item_text=id" in str(error.value)
+
     with caplog.at_level(logging.WARNING):
-        table = ItemTextTable(dataset, tokenizer, ["movie_title", "release_year"], "{movie_title} ({release_year})", 24)
-    assert table.texts[3] == table.texts[4] == "" and table.lengths[3] == 0 and table.texts[5]
+        table = ItemTextTable(item_texts(dataset, fields, template, empty_item_text="id"), tokenizer, 24)
+    assert table.texts[3] == f"item {ids[0]}" and table.texts[4] == f"item {ids[1]}" and table.lengths[3] > 0
+    assert table.texts[5] == item_texts(dataset_and_batch[1], fields, template)[5]
     assert [record.message for record in caplog.records] == [
-        f"2 of {dataset.item_num - 1} items have no text in item_text_fields ['movie_title', 'release_year']"
+        f"2 of {dataset.item_num - 1} items have no text in item_text_fields {fields}: written as 'item <id>', "
+        f"e.g. 'item {ids[0]}'"
     ]
 
 
 @pytest.mark.parametrize("template", ["{movie_title} ({genre})", "a movie"])
 def test_template_must_use_the_fields(dataset_and_batch, tokenizer, template):
     with pytest.raises(RecBoleLLMError, match="item_text_template"):
-        ItemTextTable(dataset_and_batch[1], tokenizer, ["movie_title"], template, 24)
+        item_texts(dataset_and_batch[1], ["movie_title"], template)
 
 
 # --- prompt text and padding -------------------------------------------------------------------------------------
@@ -196,6 +205,31 @@ def test_an_item_alone_is_a_one_item_history(item_text, tokenizer, embed):
     prompt = assembler.assemble(*assembler.item_only(items), embed)
     for row, item in enumerate(items.tolist()):
         assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, [item]))
+
+
+def test_longest_prompt_lengths_are_those_of_histories_of_the_longest_text(item_text, tokenizer, embed):
+    assembler = make_assembler(item_text, tokenizer, " ;", max_prompt_items=12, n_prefix=3, n_suffix=1, use_slots=True)
+    longest_item = int(item_text.lengths.argmax())
+    item_seq = torch.full((12, 12), longest_item)  # row n: a history of n + 1 times the item of the longest text
+    prompt = assembler.assemble(item_seq, torch.arange(1, 13), embed)
+    assert assembler.longest_prompt_lengths().tolist() == prompt.attention_mask.sum(1).tolist()
+
+
+def test_prompts_are_cut_to_the_context_with_what_follows_them(item_text, tokenizer, caplog):
+    pair = [make_assembler(item_text, tokenizer, max_prompt_items=4, use_slots=slots) for slots in (False, True)]
+    longest = pair[1].longest_prompt_lengths().tolist()  # the pair's longer one: with slots
+    fit_to_context(pair, context_length=1000, llm_name="an LLM", reserved_tokens=10)
+    assert [assembler.max_prompt_items for assembler in pair] == [4, 4] and not caplog.records
+    with caplog.at_level(logging.WARNING):
+        fit_to_context(pair, context_length=longest[1] + 10, llm_name="an LLM", reserved_tokens=10)
+    assert [assembler.max_prompt_items for assembler in pair] == [2, 2]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"prompts of max_prompt_items=4 history items can reach {longest[3] + 10} tokens with the 10 tokens that "
+        f"follow it, beyond the {longest[1] + 10} positions of an LLM: each prompt keeps the most recent 2 items of "
+        "its history (the oldest are left out); lower max_prompt_items or max_item_tokens to choose yourself"
+    ]
+    with pytest.raises(RecBoleLLMError, match=f"a prompt of one history item can reach {longest[0] + 10} tokens"):
+        fit_to_context(pair, context_length=longest[0] + 9, llm_name="an LLM", reserved_tokens=10)
 
 
 def test_marker_needs_an_index(item_text, tokenizer):

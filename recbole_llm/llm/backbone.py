@@ -67,6 +67,10 @@ class LLMBackbone:
         """The decoder without the LM head: last hidden states without computing vocabulary logits."""
         return self.model.get_decoder()
 
+    def context_length(self) -> int | None:
+        """The positions the LLM can read (GPT-2's n_positions too); None when its config does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
 
 def load_llm(
     llm_path: str, device: torch.device | str = "cpu", dtype: str = "auto", gradient_checkpointing: bool = False

@@ -18,41 +18,67 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-class ItemTextTable:
-    """Text of every item from the dataset's own item features, tokenized once.
+EMPTY_TEXT_CHOICES = ("error", "id")
 
-    `texts[i]`, `token_ids[i]` and `lengths[i]` describe the item of internal id i; item 0 (padding) has no text.
+
+def item_texts(dataset, fields: list[str], template: str, empty_item_text: str = "error") -> list[str]:
+    """The text of every item, by internal id, from the dataset's own item features; item 0 (padding) has none.
+
+    An item whose fields are all empty is an error, or (empty_item_text='id') is written as `item <its id>`.
+    """
+    _check_fields(dataset, fields, template)
+    words = {field: _field_words(dataset, field) for field in fields}  # field -> [n_items] strings
+    texts = [""]
+    for item in range(1, dataset.item_num):
+        values = {field: words[field][item] for field in fields}
+        texts.append(template.format(**values) if any(values.values()) else "")
+    empty = [item for item, text in enumerate(texts) if item and not text]
+    if not empty:
+        return texts
+    item_ids = dataset.field2id_token[dataset.iid_field]
+    what = f"{len(empty)} of {dataset.item_num - 1} items have no text in item_text_fields {fields}"
+    if empty_item_text != "id":
+        examples = ", ".join(str(item_ids[item]) for item in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        raise RecBoleLLMError(
+            f"{what} (item ids {examples}): add their text to the .item file, choose other item_text_fields, or "
+            "set empty_item_text=id to write them as 'item <id>'"
+        )
+    for item in empty:
+        texts[item] = f"item {item_ids[item]}"
+    logging.getLogger().warning(f"{what}: written as 'item <id>', e.g. {texts[empty[0]]!r}")
+    return texts
+
+
+def item_texts_from_config(config, dataset) -> list[str]:
+    """item_texts with the settings item_text_fields, item_text_template and empty_item_text."""
+    fields = config["item_text_fields"] or DEFAULT_FIELDS
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    empty_item_text = config["empty_item_text"] or "error"
+    if empty_item_text not in EMPTY_TEXT_CHOICES:
+        raise RecBoleLLMError(f"empty_item_text is {empty_item_text!r}: use one of {', '.join(EMPTY_TEXT_CHOICES)}")
+    return item_texts(dataset, fields, config["item_text_template"] or DEFAULT_TEMPLATE, empty_item_text)
+
+
+class ItemTextTable:
+    """Item texts tokenized once: `texts[i]`, `token_ids[i]` and `lengths[i]` describe the item of internal id i.
+
     Each text is tokenized with a leading space, so that its ids are exactly the ids it gets inside a sentence.
     """
 
-    def __init__(self, dataset, tokenizer, fields: list[str], template: str, max_item_tokens: int):
-        _check_fields(dataset, fields, template)
-        words = {field: _field_words(dataset, field) for field in fields}  # field -> [n_items] strings
-        self.texts = [""]  # item 0 is padding
-        for item in range(1, dataset.item_num):
-            values = {field: words[field][item] for field in fields}
-            self.texts.append(template.format(**values) if any(values.values()) else "")
-        n_without_text = sum(not text for text in self.texts[1:])
-        if n_without_text:
-            logging.getLogger().warning(
-                f"{n_without_text} of {dataset.item_num - 1} items have no text in item_text_fields {fields}"
-            )
-
+    def __init__(self, texts: list[str], tokenizer, max_item_tokens: int):
+        self.texts = texts
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        pieces = tokenizer([" " + text if text else "" for text in self.texts], add_special_tokens=False)["input_ids"]
-        self.token_ids = torch.full((dataset.item_num, max_item_tokens), self.pad_token_id, dtype=torch.long)
-        self.lengths = torch.zeros(dataset.item_num, dtype=torch.long)  # [n_items]
+        pieces = tokenizer([" " + text if text else "" for text in texts], add_special_tokens=False)["input_ids"]
+        self.token_ids = torch.full((len(texts), max_item_tokens), self.pad_token_id, dtype=torch.long)
+        self.lengths = torch.zeros(len(texts), dtype=torch.long)  # [n_items]
         for item, ids in enumerate(pieces):
             ids = ids[:max_item_tokens]
             self.token_ids[item, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             self.lengths[item] = len(ids)
 
     @classmethod
-    def from_config(cls, config, dataset, tokenizer):
-        fields = config["item_text_fields"] or DEFAULT_FIELDS
-        fields = [fields] if isinstance(fields, str) else list(fields)
-        template = config["item_text_template"] or DEFAULT_TEMPLATE
-        return cls(dataset, tokenizer, fields, template, config["max_item_tokens"] or DEFAULT_MAX_ITEM_TOKENS)
+    def from_config(cls, config, texts, tokenizer):
+        return cls(texts, tokenizer, config["max_item_tokens"] or DEFAULT_MAX_ITEM_TOKENS)
 
 
 def _check_fields(dataset, fields: list[str], template: str) -> None:

@@ -1,6 +1,7 @@
 """LLM inputs for a batch of histories, assembled from cached token ids with tensor code: nothing is tokenized per
 batch and nothing loops over users or items."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,14 @@ class PromptAssembler(nn.Module):
             ("item_token_valid", item_token_valid),
         ]:
             self.register_buffer(name, tensor, persistent=False)
+
+    def longest_prompt_lengths(self) -> torch.LongTensor:
+        """The token count of the longest prompt possible with 1, 2, ..., max_prompt_items history items: [P]."""
+        n_items = torch.arange(1, self.max_prompt_items + 1)
+        longest_text = int(self.item_token_valid.sum(1).max())
+        per_item = self.marker_valid[: self.max_prompt_items].sum(1).cpu() + longest_text + int(self.use_slots)  # [P]
+        fixed = self.n_prefix + len(self.head_ids) + len(self.tail_ids) + self.n_suffix
+        return fixed + per_item.cumsum(0) + (n_items - 1) * len(self.separator_ids)
 
     def item_only(self, items: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Items [N] as one-item histories (item_seq [N, 1], item_len [N]), to write an item with the user template."""
@@ -166,6 +175,34 @@ class PromptAssembler(nn.Module):
                 raise ValueError(f"{vectors.shape[-2]} {name} vectors given, but the assembler has n_{name}={expected}")
         if slots is not None and not self.use_slots:
             raise ValueError("slots given, but the assembler was built with use_slots=False")
+
+
+def fit_to_context(assemblers, context_length, llm_name, reserved_tokens=0):
+    """Lowers max_prompt_items of assemblers that write the same histories until their longest prompt, plus
+    `reserved_tokens` that follow it (an answer), fits the LLM's context: histories then lose their oldest items.
+    Warns once when it does; a prompt that cannot fit even one item is an error."""
+    if context_length is None:
+        return
+    lengths = torch.stack([assembler.longest_prompt_lengths() for assembler in assemblers]).amax(0) + reserved_tokens
+    asked, kept = len(lengths), int((lengths <= context_length).sum())  # lengths grow with the number of items
+    what = f"beyond the {context_length} positions of {llm_name}"
+    if kept == 0:
+        raise RecBoleLLMError(
+            f"a prompt of one history item can reach {int(lengths[0])} tokens{_with(reserved_tokens)}, {what}: "
+            "shorten the prompt template or lower max_item_tokens (or n_query, n_candidates)"
+        )
+    if kept < asked:
+        logging.getLogger().warning(
+            f"prompts of max_prompt_items={asked} history items can reach {int(lengths[-1])} tokens"
+            f"{_with(reserved_tokens)}, {what}: each prompt keeps the most recent {kept} items of its history "
+            "(the oldest are left out); lower max_prompt_items or max_item_tokens to choose yourself"
+        )
+        for assembler in assemblers:
+            assembler.max_prompt_items = kept
+
+
+def _with(reserved_tokens):
+    return f" with the {reserved_tokens} tokens that follow it" if reserved_tokens else ""
 
 
 def _embed_with(inputs_embeds, learned):

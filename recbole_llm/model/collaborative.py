@@ -36,7 +36,7 @@ CARRIED_KEYS = [
 NOT_IN_CACHE_KEY = {
     "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
     "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
-    "dataloaders_save_path", "single_spec", "local_rank",
+    "dataloaders_save_path", "single_spec", "local_rank", "resume",
 }
 
 
@@ -50,21 +50,15 @@ class CollaborativeEncoder(nn.Module):
     def __init__(self, config, dataset):
         super().__init__()
         cf_model = config["cf_model"]
-        if cf_model not in CF_MODELS:
-            raise RecBoleLLMError(f"cf_model must be SASRec or BERT4Rec, got {cf_model!r}: set cf_model=SASRec")
         self.n_items = dataset.item_num
+        checkpoint = load_given_checkpoint(config, dataset)
         with preserved_random_state():  # building or training the CF model must not shift the LLM model's init
-            if config["cf_checkpoint"]:
-                self.checkpoint_path = config["cf_checkpoint"]
-                if not os.path.isfile(self.checkpoint_path):
-                    raise RecBoleLLMError(
-                        f"cf_checkpoint {self.checkpoint_path} does not exist: pass the .pth file RecBole's trainer "
-                        f"wrote for {cf_model} on {config['dataset']}, or drop cf_checkpoint to train one"
-                    )
-            else:
+            if checkpoint is None:
                 self.checkpoint_path = trained_checkpoint(config, dataset)
-            checkpoint = load_checkpoint(self.checkpoint_path)
-            check_checkpoint_fits(checkpoint, self.checkpoint_path, config, dataset)
+                checkpoint = load_checkpoint(self.checkpoint_path)
+                check_checkpoint_fits(checkpoint, self.checkpoint_path, config, dataset)
+            else:
+                self.checkpoint_path = config["cf_checkpoint"]
             self.recommender = CF_MODELS[cf_model](checkpoint["config"], dataset)
             self.recommender.load_state_dict(checkpoint["state_dict"])
         self.recommender.requires_grad_(False)
@@ -106,7 +100,6 @@ class CollaborativeEncoder(nn.Module):
             states, valid = encoder_outputs[0], item_seq > 0
         return states.masked_fill(~valid.unsqueeze(-1), 0.0), valid, last
 
-
     def with_mask_token(self, item_seq, item_len):
         """BERT4Rec's input for predicting the next item: the mask token right after the last item [B, L], and its
         position [B]. Only a full history loses its oldest item to make room; RecBole's reconstruct_test_data
@@ -116,6 +109,24 @@ class CollaborativeEncoder(nn.Module):
         shifted = torch.where(full, item_seq.roll(-1, dims=1), item_seq)
         mask_position = item_len.clamp(max=max_len - 1)  # [B]
         return shifted.scatter(1, mask_position[:, None], self.recommender.mask_token), mask_position
+
+
+def load_given_checkpoint(config, dataset):
+    """The cf_checkpoint the user named, checked against this run's cf_model and dataset; None when none is named.
+    Cheap, so models call it first too: a misfit checkpoint fails before the LLM loads."""
+    cf_model, path = config["cf_model"], config["cf_checkpoint"]
+    if cf_model not in CF_MODELS:
+        raise RecBoleLLMError(f"cf_model must be SASRec or BERT4Rec, got {cf_model!r}: set cf_model=SASRec")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise RecBoleLLMError(
+            f"cf_checkpoint {path} does not exist: pass the .pth file RecBole's trainer wrote for {cf_model} on "
+            f"{config['dataset']}, or drop cf_checkpoint to train one"
+        )
+    checkpoint = load_checkpoint(path)
+    check_checkpoint_fits(checkpoint, path, config, dataset)
+    return checkpoint
 
 
 def item_id_fingerprint(dataset):
@@ -205,6 +216,7 @@ def trained_checkpoint(config, dataset):
     checkpoint["item_id_fingerprint"] = item_id_fingerprint(dataset)
     save_checkpoint_atomically(checkpoint, path)
     os.remove(trainer.saved_model_file)
+    os.remove(trainer.last_checkpoint_file)  # its resume point: the cache is written only by a finished training
     getLogger().info(f"collaborative encoder: trained {model_name}, saved to {path}")
     return path
 

@@ -17,10 +17,10 @@ from torch import nn
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
 from recbole_llm.llm.backbone import decoder_blocks
-from recbole_llm.llm.item_text import ItemTextTable
-from recbole_llm.llm.prompt import PromptAssembler
+from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
+from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
-from recbole_llm.model.collaborative import CollaborativeEncoder
+from recbole_llm.model.collaborative import CollaborativeEncoder, load_given_checkpoint
 from recbole_llm.model.layers import MFormer
 
 PREFIX_MODES = ("mformer", "free", "none")
@@ -43,7 +43,11 @@ class Laser(LLMSequentialRecommender):
         self.moe_balance_weight = config["moe_balance_weight"]
         self.item_batch_size = config["item_batch_size"]
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
-        check_hyper_parameters(config)  # before the costly parts: loading the LLM, training the CF model
+        # Bad settings fail before the costly parts: loading the LLM, training the CF model.
+        check_hyper_parameters(config)
+        item_texts = item_texts_from_config(config, dataset)
+        if self.prefix_mode == "mformer":
+            load_given_checkpoint(config, dataset)
         logger = getLogger()
 
         # 1. The frozen LLM. Shared per process by load_llm, so it is held beside the modules, not inside them: it
@@ -55,11 +59,13 @@ class Laser(LLMSequentialRecommender):
         llm_size = self.llm.hidden_size
 
         # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
-        item_text = ItemTextTable.from_config(config, dataset, self.llm.tokenizer)
+        item_text = ItemTextTable.from_config(config, item_texts, self.llm.tokenizer)
         n_user_prefix = 0 if self.prefix_mode == "none" else self.n_query
         n_item_prefix = n_user_prefix if self.item_prefix == "mformer" else 0
         self.user_prompt = self._prompt_assembler(config, item_text, n_user_prefix)
         self.item_prompt = self._prompt_assembler(config, item_text, n_item_prefix)
+        # long histories lose their oldest items; an item prompt (one item, no longer a prefix) fits when this does
+        fit_to_context([self.user_prompt], self.llm.context_length(), self.llm.name)
 
         # 3. The frozen CF encoder and the prefix: the M-Former over its states, free vectors, or nothing.
         token_scale = self.llm.input_embeddings().weight.float().std().item()  # learned inputs start at this scale

@@ -21,10 +21,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
 from recbole_llm.llm.backbone import decoder_blocks
-from recbole_llm.llm.item_text import ItemTextTable
-from recbole_llm.llm.prompt import PromptAssembler
+from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
+from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
-from recbole_llm.model.collaborative import CollaborativeEncoder
+from recbole_llm.model.collaborative import CollaborativeEncoder, load_given_checkpoint
 from recbole_llm.model.layers import Projector
 
 TEXT_ONLY, UNIFIED = "text_only", "unified"  # the two stages, and the two kinds of prompt they train on
@@ -37,7 +37,10 @@ class RSLLM(LLMSequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        check_hyper_parameters(config)  # before the costly parts: loading the LLM, training the CF model
+        # Bad settings fail before the costly parts: loading the LLM, training the CF model.
+        check_hyper_parameters(config)
+        item_texts = item_texts_from_config(config, dataset)
+        load_given_checkpoint(config, dataset)
         user_head, user_tail = template_parts(config, "prompt_template", "history")
         item_head, item_tail = template_parts(config, "item_prompt_template", "item")
         candidate_head, candidate_middle, candidate_tail = template_parts(
@@ -47,19 +50,15 @@ class RSLLM(LLMSequentialRecommender):
         self.item_batch_size = config["item_batch_size"]
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen. Built first, so that lora_target_modules that
-        # fit no layer fail before the CF model trains.
+        # fit no layer and prompts too long for the LLM fail before the CF model trains.
         backbone = load_llm(
             config["llm_path"], self.device, config["llm_dtype"] or "auto", bool(config["gradient_checkpointing"])
         )
         self.tokenizer = backbone.tokenizer
         self.llm = with_lora(backbone.model, config)
 
-        # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space.
-        self.cf_encoder = CollaborativeEncoder(config, dataset)
-        self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
-
         # 2. Prompts: each item as its title followed by one ID slot (unified) or by nothing (text-only).
-        item_text = ItemTextTable.from_config(config, dataset, self.tokenizer)
+        item_text = ItemTextTable.from_config(config, item_texts, self.tokenizer)
         self.user_prompts = self.prompt_pair(config, item_text, user_head, user_tail, config["max_prompt_items"])
         self.item_prompts = self.prompt_pair(config, item_text, item_head, item_tail, 1)
         self.candidate_history_prompts = self.prompt_pair(
@@ -71,6 +70,11 @@ class RSLLM(LLMSequentialRecommender):
         titles = [ids[:n] for ids, n in zip(item_text.token_ids.tolist(), item_text.lengths.tolist())]
         self.item_names = [name.strip() for name in self.tokenizer.batch_decode(titles)]  # as the LLM reads them
         self.max_answer_tokens = int(item_text.lengths.max()) + 1  # the longest title and the end token
+        self.fit_prompts_to_context(config, backbone)
+
+        # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space.
+        self.cf_encoder = CollaborativeEncoder(config, dataset)
+        self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
 
         # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
@@ -97,6 +101,17 @@ class RSLLM(LLMSequentialRecommender):
             )
             for stage in (TEXT_ONLY, UNIFIED)
         })
+
+    def fit_prompts_to_context(self, config, backbone):
+        """Long histories lose their oldest items where a prompt and what follows it would not fit the context."""
+        context, name = backbone.context_length(), backbone.name
+        fit_to_context(self.user_prompts.values(), context, name, reserved_tokens=self.max_answer_tokens)
+        fit_to_context(self.item_prompts.values(), context, name)
+        if config["candidate_eval"]:  # the history, then the candidate list, then the generated answer
+            listing = max(int(prompt.longest_prompt_lengths()[-1]) for prompt in self.candidate_list_prompts.values())
+            fit_to_context(
+                self.candidate_history_prompts.values(), context, name, reserved_tokens=listing + self.max_answer_tokens
+            )
 
     def frozen_modules(self):
         return [self.cf_encoder, self.llm]  # the LLM's LoRA weights require grad, so checkpoints keep them

@@ -1,0 +1,181 @@
+"""Resuming interrupted runs: Laser, RSLLM and a RecBole baseline, stopped by Ctrl-C after an epoch and resumed
+with --resume from the run's last checkpoint, end with exactly the metrics of the run that was never stopped; and
+checkpoint writes are atomic."""
+
+import hashlib
+import os
+
+import pytest
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender.sasrec import SASRec
+
+from conftest import TINY_DATASET, module_workdir, tiny_config
+from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.config import Config
+from recbole_llm.model.collaborative import trained_checkpoint
+from recbole_llm.model.sequential_recommender.laser import FROZEN_ITEMS, REFRESHED_ITEMS, Laser
+from recbole_llm.model.sequential_recommender.rsllm import TEXT_ONLY, UNIFIED, RSLLM
+from recbole_llm.quick_start import run_recbole_llm
+from test_laser import LASER_SIZES
+from test_rsllm import RSLLM_SIZES
+
+SETTINGS = {
+    "Laser": {**LASER_SIZES, "stage1_epochs": 2, "stage2_epochs": 2},
+    "RSLLM": {**RSLLM_SIZES, "stage1_epochs": 1, "stage2_epochs": 2},
+    "SASRec": {"epochs": 3},
+}
+MODEL_CLASSES = {"Laser": Laser, "RSLLM": RSLLM, "SASRec": SASRec}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def workdir(tmp_path_factory):
+    with module_workdir(tmp_path_factory, "resume") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def cf_checkpoint(workdir):
+    """One tiny SASRec for both LLM models."""
+    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(workdir, **LASER_SIZES))
+    return trained_checkpoint(config, data_preparation(config, create_dataset(config))[0]._dataset)
+
+
+def run(model, checkpoint_root, cf_checkpoint, **overrides):
+    settings = {**SETTINGS[model], **({"cf_checkpoint": cf_checkpoint} if model != "SASRec" else {}), **overrides}
+    return run_recbole_llm(model=model, dataset=TINY_DATASET, config_dict=tiny_config(checkpoint_root, **settings))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir, cf_checkpoint):
+    """The result of each model's run that nothing stopped, computed on first use."""
+    results = {}
+
+    def result(model):
+        if model not in results:
+            results[model] = run(model, workdir / f"uninterrupted-{model}", cf_checkpoint)
+        return results[model]
+
+    return result
+
+
+def interrupt_at(monkeypatch, model_class, stage, epoch):
+    """Ctrl-C at the first batch of `epoch` (counted from 0) of `stage`, as a user would press it."""
+    current = {"epoch": -1}
+    begin_epoch, calculate_loss = model_class.begin_epoch, model_class.calculate_loss
+
+    def recording_begin_epoch(self, epoch_idx):
+        current["epoch"] = epoch_idx
+        return begin_epoch(self, epoch_idx)
+
+    def interrupted_calculate_loss(self, interaction):
+        if (self.stage, current["epoch"]) == (stage, epoch):
+            raise KeyboardInterrupt
+        return calculate_loss(self, interaction)
+
+    monkeypatch.setattr(model_class, "begin_epoch", recording_begin_epoch)
+    monkeypatch.setattr(model_class, "calculate_loss", interrupted_calculate_loss)
+
+
+def sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def assert_resumed_run_matches(resumed, expected, checkpoint_dir, best_file):
+    assert resumed["test_result"] == pytest.approx(expected["test_result"], abs=1e-6)
+    assert resumed["best_valid_score"] == pytest.approx(expected["best_valid_score"], abs=1e-6)
+    assert resumed["best_valid_result"] == pytest.approx(expected["best_valid_result"], abs=1e-6)
+    assert resumed["saved_model_file"] == best_file  # the resumed run goes on with the interrupted run's best file
+    assert sorted(os.listdir(checkpoint_dir)) == sorted([os.path.basename(best_file), os.path.basename(last_of(best_file))])
+    # the weights at the very end, which the best checkpoint (an earlier epoch, maybe) would not show
+    final, expected_final = (load_checkpoint(last_of(result["saved_model_file"])) for result in (resumed, expected))
+    assert final["finished"] and final["state_dict"].keys() == expected_final["state_dict"].keys()
+    for name, weights in final["state_dict"].items():
+        assert torch.allclose(weights, expected_final["state_dict"][name], atol=1e-6), name
+
+
+def last_of(best_file):
+    return str(best_file)[: -len(".pth")] + "-last.pth"
+
+
+@pytest.mark.parametrize(
+    "model, stage, epoch",
+    [
+        ("Laser", REFRESHED_ITEMS, 1),  # within stage 1: the item matrix of the last validation goes on
+        ("Laser", FROZEN_ITEMS, 1),  # within stage 2: the frozen item matrix comes back from the checkpoint
+        ("RSLLM", UNIFIED, 0),  # at the start of stage 2: stage 1 is over, stage 2 starts from the best weights
+    ],
+)
+def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
+    model, stage, epoch, tmp_path, cf_checkpoint, uninterrupted, monkeypatch, caplog
+):
+    expected = uninterrupted(model)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, MODEL_CLASSES[model], stage, epoch)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, tmp_path, cf_checkpoint)
+    checkpoint_dir = tmp_path / "saved"
+    [last_file] = [name for name in os.listdir(checkpoint_dir) if name.endswith("-last.pth")]
+    last = load_checkpoint(str(checkpoint_dir / last_file))
+    stages = [TEXT_ONLY, UNIFIED] if model == "RSLLM" else [REFRESHED_ITEMS, FROZEN_ITEMS]
+    if epoch > 0:  # the state after the epoch before
+        assert (last["stage"], last["epoch"], last["finished"]) == (stage, epoch - 1, False)
+    else:  # the state at the end of the stage before
+        assert (last["stage"], last["finished"]) == (stages[stages.index(stage) - 1], True)
+    assert {"optimizer", "scheduler", "random_state", "best_valid_score", "best_valid_result"} <= set(last)
+    assert f"interrupted: --resume={checkpoint_dir / last_file} continues this run" in caplog.text
+
+    resumed = run(model, tmp_path, cf_checkpoint, resume=str(checkpoint_dir / last_file))
+    assert_resumed_run_matches(resumed, expected, checkpoint_dir, last["best_model_file"])
+
+
+def test_a_recbole_baseline_resumes_too(tmp_path, cf_checkpoint, uninterrupted, monkeypatch):
+    calls = {"n": 0}
+    calculate_loss = SASRec.calculate_loss
+
+    def counted(self, interaction):
+        calls["n"] += 1
+        return calculate_loss(self, interaction)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SASRec, "calculate_loss", counted)
+        expected = uninterrupted("SASRec")
+    batches_per_epoch = calls["n"] // SETTINGS["SASRec"]["epochs"]
+
+    def interrupted_in_epoch_2(self, interaction):
+        calls["n"] += 1
+        if calls["n"] > 2 * batches_per_epoch:
+            raise KeyboardInterrupt
+        return calculate_loss(self, interaction)
+
+    calls["n"] = 0
+    with monkeypatch.context() as patch:
+        patch.setattr(SASRec, "calculate_loss", interrupted_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            run("SASRec", tmp_path, cf_checkpoint)
+    checkpoint_dir = tmp_path / "saved"
+    [last_file] = [name for name in os.listdir(checkpoint_dir) if name.endswith("-last.pth")]
+    assert load_checkpoint(str(checkpoint_dir / last_file))["epoch"] == 1
+
+    resumed = run("SASRec", tmp_path, cf_checkpoint, resume_checkpoint=str(checkpoint_dir / last_file))
+    best_file = str(checkpoint_dir / last_file)[: -len("-last.pth")] + ".pth"
+    assert_resumed_run_matches(resumed, expected, checkpoint_dir, best_file)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "best.pth")
+    save_checkpoint_atomically({"weights": torch.ones(3)}, path)
+    before = sha1(path)
+
+    def crash_midway(state, file, **kwargs):
+        with open(file, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint_atomically({"weights": torch.zeros(3)}, path)
+    assert sha1(path) == before and os.listdir(tmp_path) == ["best.pth"]  # no temporary file left either
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["weights"], torch.ones(3))
