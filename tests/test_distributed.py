@@ -25,6 +25,7 @@ SIZES = {
     **RSLLM_SIZES,
     "candidate_eval": True,
     "train_batch_size": 64,  # SASRec's RecBole trainer runs every batch of its epoch
+    "grad_accum_steps": 2,  # the LLM models' first batch adds to the gradient without syncing it
     "user_inter_num_interval": "[23,inf)",  # 271 users: DistributedSampler gives one of them to both processes
 }
 
