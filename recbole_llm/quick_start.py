@@ -1,4 +1,5 @@
-"""One straight line from config to test metrics, as RecBole's quick_start, plus several models in one table.
+"""One straight line from config to test metrics, as RecBole's quick_start, plus several models in one table, in
+one process or, as RecBole's ``run``, in several.
 
 RecBole's own ``recbole.quick_start`` imports ray at import time (broken on NumPy 2 / setuptools >= 82), so it is
 never imported here.
@@ -10,12 +11,16 @@ import sys
 from logging import getLogger
 from time import time
 
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
 from recbole_llm.comparison import write_comparison
-from recbole_llm.config import Config
+from recbole_llm.config import Config, restore_numpy_aliases, single_process
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.distributed import writes_files
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.resume import read_resume_checkpoint, resume_file
 from recbole_llm.utils import get_model, get_trainer
@@ -33,7 +38,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     if resume:
         read_resume_checkpoint(resume, config)  # a wrong file fails now, before the LLM or the CF model is built
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    if writes_files(config):  # the other processes of a multi-process run only report errors, on stderr
+        init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
@@ -105,6 +111,8 @@ def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, s
     """Run models on the same dataset, split and seed; print and write one comparison table, with the CF model
     each LLM model is built on beside it."""
     results = [run_recbole_llm(name, dataset, config_file_list, config_dict, saved) for name in models]
+    if (config_dict or {}).get("local_rank", 0) != 0:
+        return results  # local rank 0 writes the table
     rows = [row for result in results for row in (result, *result["companions"])]
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
     table_path = os.path.join(results[0]["checkpoint_dir"], f"comparison-{dataset}-{get_local_time()}")
@@ -112,6 +120,49 @@ def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, s
     print(markdown)
     print(f"comparison written to {table_path}.md and {table_path}.csv")
     return results
+
+
+def run(models, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1, ip="localhost",
+        port="5678", group_offset=0):
+    """run_recbole_llms in this process, or, with nproc > 1 or world_size > 0, in nproc processes (RecBole's ``run``):
+    one process per GPU of gpu_id (or on the CPU), ranks group_offset.. of a world_size-process group that meets at
+    ip:port; a run over several machines calls this once on each. Returns the results of local rank 0."""
+    if nproc == 1 and world_size <= 0:
+        return run_recbole_llms(models, dataset, config_file_list, config_dict, saved)
+    group = {"nproc": nproc, "world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": port,
+             "offset": group_offset}
+    queue = mp.get_context("spawn").SimpleQueue()
+    args = (models, dataset, config_file_list, {**(config_dict or {}), **group}, saved, queue)
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
+    spawn_level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)  # torch's note that it stops the other processes when one fails
+    try:
+        mp.spawn(_run_process, args=args, nprocs=nproc, join=True)
+    except mp.ProcessRaisedException:
+        reports = []
+        while not queue.empty():
+            reports.append(queue.get())
+        errors = [report for report in reports if isinstance(report, RecBoleLLMError)]
+        if errors:  # bad input: the process's one-line message, not its traceback
+            raise errors[0] from None
+        raise
+    finally:
+        spawn_logger.setLevel(spawn_level)
+    return queue.get()
+
+
+def _run_process(local_rank, models, dataset, config_file_list, config_dict, saved, queue):
+    """One process of a multi-process run (torch.multiprocessing.spawn gives it its local rank)."""
+    try:
+        results = run_recbole_llms(models, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+    except RecBoleLLMError as error:
+        queue.put(error)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if local_rank == 0:
+        queue.put(results)
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):
@@ -126,8 +177,9 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
 
 def load_data_and_model(model_file):
     """Rebuild the config, dataset, dataloaders and trained model from a checkpoint written by a run."""
+    restore_numpy_aliases()  # RecBole's metrics and data code need them, and no Config was built in this process yet
     checkpoint = load_checkpoint(model_file)
-    config = checkpoint["config"]
+    config = single_process(checkpoint["config"])
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)

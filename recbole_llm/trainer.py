@@ -11,11 +11,15 @@ from logging import getLogger
 import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.distributed import (
+    DistributedTrainerMixin, LossModule, evaluated_samples, gather_in_sample_order, is_distributed, process_share,
+)
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
 from recbole_llm.resume import last_checkpoint_path, random_state, read_resume_checkpoint, restore_random_state
@@ -166,8 +170,9 @@ class SafeCheckpointMixin:
         return f"while {doing} ({key}={size}): lower {key}" + (f", e.g. to {size // 2}" if size > 1 else "")
 
 
-class Trainer(SafeCheckpointMixin, RecBoleTrainer):
-    """RecBole's Trainer with safe loading: the trainer of RecBole's sequential baselines in this plugin."""
+class Trainer(DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
+    """RecBole's Trainer with safe loading and working multi-process runs: the trainer of RecBole's sequential
+    baselines in this plugin."""
 
 
 class LLMTrainer(Trainer):
@@ -182,10 +187,10 @@ class LLMTrainer(Trainer):
         self.grad_accum_steps = max(1, config["grad_accum_steps"] or 1)
         self.warmup_ratio = config["warmup_ratio"] or 0.0
         self.train_batches_per_epoch = config["train_batches_per_epoch"]  # None: the whole training set
+        self.stage = None
         super().__init__(config, model)
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.scheduler = None
-        self.stage = None
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
     def _build_optimizer(self, **kwargs):
@@ -194,8 +199,18 @@ class LLMTrainer(Trainer):
             return None  # a stage sets what trains; the optimizer is rebuilt when it starts
         return super()._build_optimizer(params=params, **kwargs)
 
+    def build_distributed_model(self):
+        """DDP over the weights the current stage trains (None before a stage, or in one process). calculate_loss
+        runs as its forward, so DDP synchronises exactly the gradients it computed. Buffers are copied from rank 0
+        once, not before every step: the models' buffers (item matrices) are computed alike on every process."""
+        if self.stage is None or not is_distributed(self.config):
+            return None
+        return DistributedDataParallel(LossModule(self.model), forward_sync_buffers=False)
+
     def _start_stage(self, stage, steps_per_epoch):
         self.stage = stage
+        self.model.set_stage(stage.name)  # which weights train: DDP synchronises those ...
+        self.distributed_model = self.build_distributed_model()  # ... from rank 0's values, before the stage computes
         self.model.begin_stage(stage.name)
         self.optimizer = self._build_optimizer()
         if self.optimizer is None:
@@ -259,7 +274,7 @@ class LLMTrainer(Trainer):
         self.model.train()
         with self._out_of_memory_advice("items"):
             self.model.begin_epoch(epoch_idx)
-        loss_func = loss_func or self.model.calculate_loss
+        loss_func = loss_func or self.distributed_model or self.model.calculate_loss  # DDP's forward: calculate_loss
         if not self.config["single_spec"] and train_data.shuffle:
             train_data.sampler.set_epoch(epoch_idx)
         n_batches = self._batches_per_epoch(train_data)
@@ -273,15 +288,17 @@ class LLMTrainer(Trainer):
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                losses = loss_func(interaction)
-            loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
-            loss = loss_terms.sum()
-            (loss / self.grad_accum_steps).backward()
+            last_batch = batch_idx + 1 == n_batches
+            optimizer_step = (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch
+            with self.gradient_sync(optimizer_step):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    losses = loss_func(interaction)
+                loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
+                loss = loss_terms.sum()
+                (loss / self.grad_accum_steps).backward()
             total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
             first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
-            last_batch = batch_idx + 1 == n_batches
-            if (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch:
+            if optimizer_step:
                 if self.clip_grad_norm:
                     clip_grad_norm_(parameters, **self.clip_grad_norm)
                 self.optimizer.step()
@@ -374,17 +391,22 @@ class RSLLMTrainer(LLMTrainer):
         fields = (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID)
         columns = zip(*[[interaction[field] for field in fields] for interaction, *_ in eval_data])
         item_seq, item_len, targets = (torch.cat(column) for column in columns)  # [N, L], [N], [N]
+        if is_distributed(self.config):  # every process draws from all users, as one process does
+            samples = evaluated_samples(eval_data)
+            item_seq, item_len, targets = gather_in_sample_order(samples, [item_seq, item_len, targets])
         generator = torch.Generator().manual_seed(self.config["seed"])
         users = torch.randperm(len(targets), generator=generator)[: self.config["n_candidate_users"] or len(targets)]
         item_seq, item_len, targets = item_seq[users], item_len[users], targets[users]
         candidates, target_index = sample_candidates(
             item_seq, targets, model.n_items, self.config["n_candidates"], generator
         )  # [n, C], [n]
-        answers = []
-        for rows in torch.arange(len(users)).split(self.config["eval_batch_size"]):
+        answers, answered = [], process_share(len(users), self.config)  # each process answers its share of users
+        for rows in answered.split(self.config["eval_batch_size"]):
             answers += model.answer_candidates(
                 item_seq[rows].to(self.device), item_len[rows].to(self.device), candidates[rows].to(self.device)
             )
+        if is_distributed(self.config):
+            answers = gather_in_sample_order(answered, [answers])[0]
         candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
         metrics = candidate_metrics(named_candidates(answers, candidate_names), target_index)
         self.logger.info(

@@ -8,6 +8,7 @@ import torch
 
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_llm.distributed import DistributedTrainerMixin
 from recbole_llm.errors import RecBoleLLMError
 
 _PLUGIN_MODEL_KINDS = ["sequential_recommender"]
@@ -68,7 +69,8 @@ def get_model(model_name):
 
 
 def get_trainer(model_type, model_name):
-    """``<Model>Trainer`` from recbole_llm.trainer, else RecBole's trainer made to load checkpoints safely."""
+    """``<Model>Trainer`` from recbole_llm.trainer, else RecBole's trainer made to load checkpoints safely and to run
+    in several processes."""
     trainers = importlib.import_module("recbole_llm.trainer")
     plugin_trainer = getattr(trainers, model_name + "Trainer", None)
     if plugin_trainer is not None:
@@ -83,4 +85,4 @@ def _with_safe_loading(trainer_class):
         return trainers.Trainer
     if issubclass(trainer_class, trainers.SafeCheckpointMixin):
         return trainer_class
-    return type(trainer_class.__name__, (trainers.SafeCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (DistributedTrainerMixin, trainers.SafeCheckpointMixin, trainer_class), {})

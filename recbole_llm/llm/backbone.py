@@ -1,12 +1,16 @@
 """Frozen causal-LM backbones: one loader for local directories, hub ids, .gguf files, the bundled SmolLM2 and tiny
-random models for tests, with one shared instance per process and setting."""
+random models for tests, on one device or spread over several by transformers/accelerate (``llm_device_map``), with
+one shared instance per process and setting."""
 
 import copy
 import functools
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +77,21 @@ class LLMBackbone:
 
 
 def load_llm(
-    llm_path: str, device: torch.device | str = "cpu", dtype: str = "auto", gradient_checkpointing: bool = False
+    llm_path: str,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    gradient_checkpointing: bool = False,
+    device_map: str | dict | None = None,
 ) -> LLMBackbone:
-    """The frozen LLM named by `llm_path`, loaded once per process for each (path, device, dtype, checkpointing)."""
+    """The frozen LLM named by `llm_path`, loaded once per process for each (path, device, dtype, checkpointing,
+    device map). Without a device map it sits on `device`; with one (e.g. "auto": over every visible GPU) transformers
+    and accelerate place its layers, and its input embeddings must be on `device`, where the prompts are built."""
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
-    key = (llm_path, device, torch_dtype, gradient_checkpointing)
+    map_key = tuple(sorted(device_map.items())) if isinstance(device_map, dict) else device_map
+    key = (llm_path, device, torch_dtype, gradient_checkpointing, map_key)
     if key not in _CACHE:
-        _CACHE[key] = _load(llm_path, device, torch_dtype, gradient_checkpointing)
+        _CACHE[key] = _load(llm_path, device, torch_dtype, gradient_checkpointing, device_map)
     return _CACHE[key]
 
 
@@ -109,17 +120,24 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _load(llm_path: str, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> LLMBackbone:
+def _load(
+    llm_path: str, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool, device_map: str | dict | None
+) -> LLMBackbone:
     start = time.perf_counter()
     with _one_line_errors(llm_path):
-        model, tokenizer = _load_model_and_tokenizer(llm_path, device, dtype)
+        model, tokenizer = _load_model_and_tokenizer(llm_path, device, dtype, device_map)
+    placement = str(device)
+    if device_map is not None:
+        _keep_placement(model, device, llm_path)
+        devices = getattr(model, "hf_device_map", {"": device}).values()  # set where accelerate spread the layers
+        placement = f"llm_device_map {device_map!r} ({', '.join(sorted({str(d) for d in devices}))})"
     _freeze(model, gradient_checkpointing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        f"LLM {llm_path}: {n_params / 1e6:.1f}M parameters, {dtype}, {device}, "
+        f"LLM {llm_path}: {n_params / 1e6:.1f}M parameters, {dtype}, {placement}, "
         f"{model.config._attn_implementation} attention, loaded in {time.perf_counter() - start:.1f} s"
     )
     return LLMBackbone(model, tokenizer, llm_path, model.config.hidden_size, dtype, device)
@@ -136,25 +154,25 @@ def _one_line_errors(llm_path: str):
         raise RecBoleLLMError(f"could not load llm_path '{llm_path}': {' '.join(str(error).split())}") from error
 
 
-def _load_model_and_tokenizer(llm_path: str, device: torch.device, dtype: torch.dtype):
+def _load_model_and_tokenizer(llm_path: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
     if llm_path in TINY_CONFIGS:
-        return _build_tiny(llm_path, device, dtype)
+        return _build_tiny(llm_path, device, dtype, device_map)
     if llm_path == SMOLLM2_ALIAS:
-        return _load_gguf(_smollm2_gguf(), device, dtype)
+        return _load_gguf(_smollm2_gguf(), device, dtype, device_map)
     path = Path(llm_path).expanduser()
     if path.is_dir():
         _check_hf_directory(path, llm_path)
-        return _load_hf(str(path), llm_path, device, dtype)
+        return _load_hf(str(path), llm_path, device, dtype, device_map)
     if path.is_file():
         if path.suffix != ".gguf":
             raise RecBoleLLMError(
                 f"llm_path '{llm_path}' is a file but not a .gguf file: pass a .gguf file or a model directory"
             )
-        return _load_gguf(path, device, dtype)
+        return _load_gguf(path, device, dtype, device_map)
     if llm_path.startswith(("/", ".", "~")) or llm_path.endswith(".gguf"):
         raise RecBoleLLMError(f"llm_path '{llm_path}' does not exist")
     if "/" in llm_path:
-        return _load_hf(llm_path, llm_path, device, dtype, local_files_only=_hub_cache_only(llm_path))
+        return _load_hf(llm_path, llm_path, device, dtype, device_map, local_files_only=_hub_cache_only(llm_path))
     raise RecBoleLLMError(
         f"llm_path '{llm_path}' is not a known alias ({', '.join(KNOWN_ALIASES)}), "
         "a local directory, a .gguf file or a hub id (org/name)"
@@ -172,7 +190,7 @@ def _freeze(model: transformers.PreTrainedModel, gradient_checkpointing: bool) -
                 module.training = True
 
 
-def _build_tiny(alias: str, device: torch.device, dtype: torch.dtype):
+def _build_tiny(alias: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
     """A small random model with SmolLM2's tokenizer; the same weights on every build."""
     tokenizer = _gguf_tokenizer(_smollm2_gguf())
     config = TINY_CONFIGS[alias]()
@@ -182,7 +200,38 @@ def _build_tiny(alias: str, device: torch.device, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's random state
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device), tokenizer
+    if device_map is None:
+        return model.to(device), tokenizer
+    folder = tempfile.mkdtemp(prefix=f"{alias}-")  # placed by device_map as a model directory is
+    model.save_pretrained(folder)
+    placed = _from_pretrained(folder, device, dtype, device_map)
+    weakref.finalize(placed, shutil.rmtree, folder, ignore_errors=True)  # layers offloaded to disk read the folder
+    return placed, tokenizer
+
+
+def _from_pretrained(source, device: torch.device, dtype: torch.dtype, device_map: str | dict | None, **kwargs):
+    """The weights on `device`, or placed by transformers/accelerate as device_map says, shard by shard as they load."""
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map or device, **kwargs)
+
+
+def _keep_placement(model: transformers.PreTrainedModel, device: torch.device, llm_path: str) -> None:
+    """Checks that a device-mapped model reads its inputs on `device`, and keeps it where accelerate put it."""
+    embeddings_device = model.get_input_embeddings().weight.device
+    if _with_index(embeddings_device) != _with_index(device):
+        raise RecBoleLLMError(
+            f"llm_device_map puts the input embeddings of '{llm_path}' on {embeddings_device}, but the trainable "
+            f"modules build the prompts on {device}: map the embeddings to the first GPU (device_map 'auto' does)"
+        )
+    if hasattr(model, "hf_device_map"):  # transformers had accelerate spread it over several devices (or disk)
+        # RecBole moves a whole recommender to config['device']: that would gather every shard on one device
+        model._apply = lambda fn, recurse=True: model
+
+
+def _with_index(device: torch.device) -> torch.device:
+    """'cuda' as the 'cuda:N' it means (the current GPU), so that devices compare."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _smollm2_gguf() -> Path:
@@ -196,14 +245,15 @@ def _smollm2_gguf() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
-def _load_gguf(gguf_path: Path, device: torch.device, dtype: torch.dtype):
+def _load_gguf(gguf_path: Path, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
     if importlib.util.find_spec("gguf") is None:
         raise RecBoleLLMError(f"loading '{gguf_path}' needs the gguf package: pip install gguf")
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _from_pretrained(
         gguf_path.parent,
+        device,
+        dtype,
+        device_map,
         gguf_file=gguf_path.name,
-        dtype=dtype,
-        device_map=device,
         # dense weights: gradients must flow through the frozen layers, which packed GGUF kernels need not support
         quantization_config=GgufConfig(dequantize=True),
     )
@@ -229,7 +279,14 @@ def _check_hf_directory(path: Path, llm_path: str) -> None:
         )
 
 
-def _load_hf(source: str, llm_path: str, device: torch.device, dtype: torch.dtype, local_files_only: bool = False):
+def _load_hf(
+    source: str,
+    llm_path: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    device_map: str | dict | None,
+    local_files_only: bool = False,
+):
     config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
     # BERT-like encoders also register a causal-LM head in transformers, but they are no LLMs
     is_decoder_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -238,9 +295,7 @@ def _load_hf(source: str, llm_path: str, device: torch.device, dtype: torch.dtyp
             f"llm_path '{llm_path}' holds a '{config.model_type}' model, which is not a decoder-only causal LM: "
             "expected one such as Llama, Qwen2, Mistral or GPT-2"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        source, config=config, dtype=dtype, device_map=device, local_files_only=local_files_only
-    )
+    model = _from_pretrained(source, device, dtype, device_map, config=config, local_files_only=local_files_only)
     return model, AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
 
 

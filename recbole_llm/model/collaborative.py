@@ -21,6 +21,7 @@ from torch import nn
 
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.config import Config
+from recbole_llm.distributed import synchronize, writes_files
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.utils import get_trainer
 
@@ -192,13 +193,21 @@ def cf_training_config(config):
 
 
 def trained_checkpoint(config, dataset):
-    """The cached CF checkpoint for this dataset and these settings; trains and caches it first when missing."""
+    """The cached CF checkpoint for this dataset and these settings; trains and caches it first when missing (in a
+    multi-process run, local rank 0 trains it in one process while the others wait, then all read the file)."""
     cf_config = cf_training_config(config)
-    model_name, path = cf_config["model"], cached_checkpoint_path(cf_config, dataset)
+    path = cached_checkpoint_path(cf_config, dataset)
     if os.path.isfile(path):
-        getLogger().info(f"collaborative encoder: reusing the {model_name} trained earlier, {path}")
-        return path
+        getLogger().info(f"collaborative encoder: reusing the {cf_config['model']} trained earlier, {path}")
+    elif writes_files(config):
+        train_into_cache(cf_config, dataset, path)
+    synchronize(config)
+    return path
 
+
+def train_into_cache(cf_config, dataset, path):
+    """Train cf_model with RecBole's trainer on the dataset rebuilt from cf_config, and cache it at ``path``."""
+    model_name = cf_config["model"]
     getLogger().info(f"collaborative encoder: no cf_checkpoint given; training {model_name} into {path}")
     full_dataset = create_dataset(cf_config)  # the model's dataset is the train split; RecBole splits the whole one
     if item_id_fingerprint(full_dataset) != item_id_fingerprint(dataset):
@@ -218,7 +227,6 @@ def trained_checkpoint(config, dataset):
     os.remove(trainer.saved_model_file)
     os.remove(trainer.last_checkpoint_file)  # its resume point: the cache is written only by a finished training
     getLogger().info(f"collaborative encoder: trained {model_name}, saved to {path}")
-    return path
 
 
 def cached_checkpoint_path(cf_config, dataset):

@@ -53,7 +53,11 @@ class Laser(LLMSequentialRecommender):
         # 1. The frozen LLM. Shared per process by load_llm, so it is held beside the modules, not inside them: it
         # is never part of a state dict and never switched to train mode.
         self.llm = load_llm(
-            config["llm_path"], self.device, config["llm_dtype"] or "auto", bool(config["gradient_checkpointing"])
+            config["llm_path"],
+            self.device,
+            config["llm_dtype"] or "auto",
+            bool(config["gradient_checkpointing"]),
+            config["llm_device_map"],
         )
         self.run_llm = llm_decoder(self.llm, config["llm_layers"]).__call__  # a call, so not a submodule either
         llm_size = self.llm.hidden_size
@@ -142,7 +146,7 @@ class Laser(LLMSequentialRecommender):
             attention_mask=prompt.attention_mask,
             position_ids=prompt.position_ids,
             use_cache=False,
-        ).last_hidden_state  # [B, T, d_llm]
+        ).last_hidden_state.to(prompt.inputs_embeds.device)  # [B, T, d_llm] (an LLM over several GPUs ends on the last)
         rows = torch.arange(len(hidden), device=hidden.device)
         return hidden[rows, prompt.suffix_positions[:, -1]].float()
 

@@ -52,7 +52,11 @@ class RSLLM(LLMSequentialRecommender):
         # 3. The LLM, tuned with LoRA; its base weights stay frozen. Built first, so that lora_target_modules that
         # fit no layer and prompts too long for the LLM fail before the CF model trains.
         backbone = load_llm(
-            config["llm_path"], self.device, config["llm_dtype"] or "auto", bool(config["gradient_checkpointing"])
+            config["llm_path"],
+            self.device,
+            config["llm_dtype"] or "auto",
+            bool(config["gradient_checkpointing"]),
+            config["llm_device_map"],
         )
         self.tokenizer = backbone.tokenizer
         self.llm = with_lora(backbone.model, config)
@@ -135,7 +139,7 @@ class RSLLM(LLMSequentialRecommender):
         decoder = self.llm.get_base_model().get_decoder()
         return decoder(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        ).last_hidden_state.to(inputs_embeds.device)  # an LLM spread over several GPUs ends on the last
 
     def prompt_state(self, prompt):
         """The LLM's state at the last prompt position [B, d_llm] (prompts are left-padded, so column -1)."""
@@ -210,7 +214,7 @@ class RSLLM(LLMSequentialRecommender):
         """Causal LM loss of the labelled tokens; the LM head runs only at the positions that predict them."""
         predicts_label = labels[:, 1:] != IGNORED  # [B, T - 1]: position t predicts token t + 1
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicts_label])  # [n_answer_tokens, vocab]
-        return F.cross_entropy(logits.float(), labels[:, 1:][predicts_label])
+        return F.cross_entropy(logits.float().to(labels.device), labels[:, 1:][predicts_label])
 
     # ---- 5. Two stages: text-only prompts, then unified prompts --------------------------------------------------
 
@@ -325,11 +329,19 @@ def with_lora(model, config):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(modules, lora)
+        tuned = get_peft_model(modules, lora)
     except ValueError as error:
         raise RecBoleLLMError(
             f"lora_target_modules {lora.target_modules} do not fit {config['llm_path']}: {' '.join(str(error).split())}"
         ) from None
+    # an adapter sits beside its layer: on that layer's GPU, or nowhere ("meta") where llm_device_map offloads it
+    offloaded = [name for name, weight in tuned.named_parameters() if weight.requires_grad and weight.is_meta]
+    if offloaded:
+        raise RecBoleLLMError(
+            f"llm_device_map offloads layers that get LoRA adapters to the CPU or disk ({len(offloaded)} adapter "
+            f"weights, e.g. {offloaded[0]}): adapters train only on a device that computes; add GPUs to gpu_id"
+        )
+    return tuned
 
 
 def cut_layers(model, n_layers, llm_name):
