@@ -22,5 +22,6 @@ setup(
         "scipy",
         "pandas<3",  # pandas 3 breaks RecBole's token_seq fields (movie_title)
     ],
-    extras_require={"test": ["pytest"]},
+    # bench: the benchmarks' figures (benchmarks/); the tests run the benchmarks, figures included
+    extras_require={"bench": ["matplotlib>=3.8"], "test": ["pytest", "matplotlib>=3.8"]},
 )

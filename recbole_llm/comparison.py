@@ -3,6 +3,11 @@
 import csv
 
 
+def with_companions(results):
+    """The results of run_recbole_llm, each followed by its companion rows (the CF model an LLM model reads)."""
+    return [row for result in results for row in (result, *result["companions"])]
+
+
 def comparison_rows(results):
     """One row per run: test metrics, the best validation score, trainable parameters and timings."""
     rows = []

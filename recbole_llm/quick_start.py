@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
-from recbole_llm.comparison import write_comparison
+from recbole_llm.comparison import with_companions, write_comparison
 from recbole_llm.config import Config, restore_numpy_aliases, single_process
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.distributed import writes_files
@@ -107,16 +107,20 @@ def evaluate_collaborative_model(config, model, test_data):
     }
 
 
-def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True):
+def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True, model_config_dicts=None):
     """Run models on the same dataset, split and seed; print and write one comparison table, with the CF model
-    each LLM model is built on beside it."""
-    results = [run_recbole_llm(name, dataset, config_file_list, config_dict, saved) for name in models]
+    each LLM model is built on beside it. ``model_config_dicts`` ({model: dict}) adds settings of single models on
+    top of ``config_dict``."""
+    model_config_dicts = model_config_dicts or {}
+    results = []
+    for name in models:
+        model_config_dict = {**(config_dict or {}), **model_config_dicts.get(name, {})}
+        results.append(run_recbole_llm(name, dataset, config_file_list, model_config_dict, saved))
     if (config_dict or {}).get("local_rank", 0) != 0:
         return results  # local rank 0 writes the table
-    rows = [row for result in results for row in (result, *result["companions"])]
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
     table_path = os.path.join(results[0]["checkpoint_dir"], f"comparison-{dataset}-{get_local_time()}")
-    markdown = write_comparison(rows, table_path)
+    markdown = write_comparison(with_companions(results), table_path)
     print(markdown)
     print(f"comparison written to {table_path}.md and {table_path}.csv")
     return results

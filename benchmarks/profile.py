@@ -1,0 +1,80 @@
+"""Benchmark profiles: YAML files under benchmarks/profiles/ that say on which data, with which settings and which
+runs a benchmark measures.
+
+A profile holds ``dataset``; ``config``, the settings of every run (on top of properties/; ``--key=value`` on the
+command line goes on top of it); ``quality``, model -> its own settings; ``cost``, row label -> its own settings
+(``model:`` names the model when the label is not a model name); and ``cost_steps``, how much the cost benchmark
+measures per row.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from recbole_llm.errors import RecBoleLLMError
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+COST_STEPS = ("train", "profiled", "eval")
+
+
+@dataclass
+class Profile:
+    name: str
+    text: str  # the file as written, for the stamp
+    dataset: str
+    config: dict
+    quality: dict  # model -> settings
+    cost: dict  # row label -> settings, `model` among them
+    cost_steps: dict  # train, profiled, eval -> count
+
+    def run_config(self, settings):
+        """The config dict of one run: the profile's config, then the run's own settings."""
+        return {**self.config, **{key: value for key, value in settings.items() if key != "model"}}
+
+
+def load_profile(name_or_path, overrides=None):
+    """The profile called `name_or_path` (a file in benchmarks/profiles/, or a path), with `overrides` ({key: value}
+    from the command line) added to its config."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise RecBoleLLMError(f"profile '{name_or_path}' not found: use one of {known}, or the path of a YAML file")
+    text = path.read_text()
+    content = yaml.safe_load(text) or {}
+    missing = [key for key in ("dataset", "config", "quality", "cost", "cost_steps") if key not in content]
+    if missing:
+        raise RecBoleLLMError(f"profile {path} has no {', '.join(missing)}: see benchmarks/profiles/cpu.yaml")
+    cost = {label: {"model": label, **(settings or {})} for label, settings in content["cost"].items()}
+    steps = {key: content["cost_steps"].get(key) for key in COST_STEPS}
+    wrong = [key for key, count in steps.items() if not isinstance(count, int) or count < (key != "profiled")]
+    if wrong:
+        raise RecBoleLLMError(
+            f"profile {path}: cost_steps {', '.join(wrong)} must be whole numbers (train and eval at least 1)"
+        )
+    return Profile(
+        name=path.stem,
+        text=text,
+        dataset=content["dataset"],
+        config={**content["config"], **(overrides or {})},
+        quality={model: settings or {} for model, settings in content["quality"].items()},
+        cost=cost,
+        cost_steps=steps,
+    )
+
+
+def split_arguments(argv):
+    """The script's own `--name=value` arguments (profile, out) and the rest as config overrides {key: value},
+    each value read as YAML (as RecBole reads `--key=value`: numbers, booleans, lists)."""
+    own, overrides = {}, {}
+    for argument in argv:
+        key, equals, value = argument.removeprefix("--").partition("=")
+        if not argument.startswith("--") or not equals:
+            raise RecBoleLLMError(f"argument '{argument}' is not --key=value: e.g. --profile=cpu --epochs=2")
+        if key in ("profile", "out"):
+            own[key] = value
+        else:
+            overrides[key] = yaml.safe_load(value)
+    return own, overrides

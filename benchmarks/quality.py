@@ -1,0 +1,76 @@
+"""Quality benchmark: RecBole's baselines, Laser and RSLLM on one dataset, split and seed, ranked over all items.
+
+    python benchmarks/quality.py --profile=cpu [--out=benchmarks/results] [--key=value ...]
+
+Runs the profile's `quality` models with run_recbole_llms (each LLM model's CF model gets a row too) and writes
+quality-<profile>.md (stamp and table), .csv (every metric RecBole computed) and .png (NDCG@10 and Recall@10).
+Any other --key=value goes to every run's config, as on run_recbole_llm.py.
+"""
+
+import sys
+from pathlib import Path
+
+# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks.profile import load_profile, split_arguments  # noqa: E402
+from benchmarks.report import RESULTS_DIR, Stamp, command_line, markdown_table, saved_figure  # noqa: E402
+from benchmarks.report import write_csv, write_page  # noqa: E402
+from recbole_llm.comparison import comparison_rows, with_companions  # noqa: E402
+from recbole_llm.errors import RecBoleLLMError  # noqa: E402
+from recbole_llm.quick_start import run_recbole_llms  # noqa: E402
+
+COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio come from RSLLM's candidate protocol
+    "model": "model",
+    "test recall@10": "Recall@10",
+    "test recall@20": "Recall@20",
+    "test ndcg@10": "NDCG@10",
+    "test ndcg@20": "NDCG@20",
+    "test mrr@10": "MRR@10",
+    "test hr@1_candidates": "HR@1 (candidates)",
+    "test valid_ratio": "ValidRatio",
+    "trainable params": "trainable params",
+    "train time (s)": "train (s)",
+    "eval time (s)": "test eval (s)",
+}
+PLOTTED = {"test ndcg@10": "test NDCG@10", "test recall@10": "test Recall@10"}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    own, overrides = split_arguments(argv)
+    profile = load_profile(own.get("profile", "cpu"), overrides)
+    out = Path(own.get("out", RESULTS_DIR))
+    stamp = Stamp(profile, command_line("quality.py", argv))
+    results = run_recbole_llms(
+        list(profile.quality), profile.dataset, config_dict=profile.config, model_config_dicts=profile.quality
+    )
+    rows = comparison_rows(with_companions(results))
+    for row in rows:  # comparison_rows writes times as text, for the comparison table
+        row.update({key: float(row[key]) for key in ("train time (s)", "eval time (s)") if row[key] is not None})
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = str(out / f"quality-{profile.name}")
+    write_csv(stem, rows)
+    with saved_figure(stem, len(PLOTTED)) as axes:
+        for axis, (key, label) in zip(axes, PLOTTED.items()):
+            axis.barh([row["model"] for row in rows][::-1], [row[key] for row in rows][::-1], color="tab:blue")
+            axis.set_xlabel(label)
+    title = f"Quality: {profile.dataset}, full ranking over all items, profile {profile.name}"
+    write_page(stem, title, stamp, [("Test split", markdown_table(rows, COLUMNS))], gpu_name=gpu_name())
+    print(f"written: {stem}.md, .csv, .png")
+    return rows
+
+
+def gpu_name():
+    """The GPU RecBole ran on (it uses the first visible one when CUDA is available), or None."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecBoleLLMError as error:
+        print(f"quality.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

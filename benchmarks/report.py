@@ -1,0 +1,118 @@
+"""What every benchmark writes under one file stem: a Markdown page (the stamp, then its tables), a CSV of its rows
+and a PNG figure. The stamp says on what the numbers were measured: machine, library versions, seed, config and
+the machine's load while they were taken (other processes inflate wall-clock timings)."""
+
+import csv
+import importlib.metadata
+import os
+import platform
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+LIBRARIES = ("torch", "transformers", "peft", "recbole")
+CONFIG_MARK = "<details><summary>Profile</summary>"  # where the page's summary ends (update_readme.py copies above)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def git_revision():
+    """The checkout's commit, marked when the working tree has changes; None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + (" with local changes" if changed else "")
+
+
+class Stamp:
+    """Started before a benchmark runs (date, load) and finished after it (load, the GPU the runs used)."""
+
+    def __init__(self, profile, command):
+        self.profile, self.command = profile, command
+        self.started = datetime.now(timezone.utc)
+        self.load_before = os.getloadavg()[0]
+
+    def lines(self, gpu_name=None):
+        """The stamp as Markdown lines; gpu_name is the GPU the runs used (None: CPU only)."""
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in LIBRARIES)
+        elapsed_min = (datetime.now(timezone.utc) - self.started).total_seconds() / 60
+        return [
+            f"- **Machine**: {cpu_model()} ({os.cpu_count()} logical cores, {memory_gb:.0f} GB), "
+            f"{'GPU ' + gpu_name if gpu_name else 'no GPU'}; {platform.system()} {platform.release()}",
+            f"- **Date**: {self.started:%Y-%m-%d %H:%M} UTC, {elapsed_min:.1f} min; load average (1 min) "
+            f"{self.load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
+            f"- **Versions**: Python {platform.python_version()}, {versions}, recbole_llm at "
+            f"{git_revision() or 'an unknown commit'}",
+            f"- **Seed** {self.profile.config.get('seed', 2020)}, dataset {self.profile.dataset}, "
+            f"profile `{self.profile.name}`: `{self.command}`",
+        ]
+
+
+def command_line(script, argv):
+    return " ".join(["python", f"benchmarks/{script}", *argv])
+
+
+def write_page(stem, title, stamp, sections, gpu_name=None):
+    """`<stem>.md`: the title, the stamp, then each (heading, Markdown text) section, the figure, and the profile."""
+    parts = [f"## {title}", "", *stamp.lines(gpu_name), ""]
+    for heading, text in sections:
+        parts += [f"**{heading}**" if heading else "", "", text, ""]
+    parts += [f"![{title}]({Path(stem).name}.png)", "", CONFIG_MARK, "", "```yaml", stamp.profile.text.strip(), "```",
+              "", "</details>", ""]
+    Path(f"{stem}.md").write_text("\n".join(parts))
+
+
+def write_csv(stem, rows):
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(f"{stem}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows, columns):
+    """rows (dicts) as a Markdown table of `columns` ({key: heading}); numbers written to a readable precision."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(readable(row.get(key)) for key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def readable(value):
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:.3g}"  # metrics and shares to 4 decimals
+
+
+@contextmanager
+def saved_figure(stem, n_panels):
+    """Side-by-side axes whose figure is saved as `<stem>.png` (matplotlib: the `bench` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4.5), squeeze=False)
+    try:
+        yield axes[0]
+        figure.tight_layout()
+        figure.savefig(f"{stem}.png", dpi=110)
+    finally:
+        plt.close(figure)

@@ -1,0 +1,55 @@
+"""Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
+summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles.
+
+    python benchmarks/update_readme.py
+"""
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR  # noqa: E402
+from recbole_llm.errors import RecBoleLLMError  # noqa: E402
+
+BEGIN = "<!-- benchmark results: written by `python benchmarks/update_readme.py` from benchmarks/results/ -->"
+END = "<!-- end of benchmark results -->"
+PROFILES = ("cpu", "gpu")
+
+
+def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES):
+    """The Markdown between the markers: the quality and cost page of each profile, its summary with headings one
+    level down and its figure linked from the README; a line with the command for a page not written yet."""
+    parts = []
+    for profile, benchmark in itertools.product(profiles, ("quality", "cost")):
+        page = results_dir / f"{benchmark}-{profile}.md"
+        if not page.is_file():
+            parts.append(f"*{benchmark.capitalize()}, {profile} profile: not measured yet "
+                         f"(`python benchmarks/{benchmark}.py --profile={profile}`).*\n")
+            continue
+        summary = page.read_text().split(CONFIG_MARK)[0].strip()
+        figure = results_dir / f"{page.stem}.png"
+        summary = summary.replace(f"]({figure.name})", f"]({os.path.relpath(figure, readme_dir)})")
+        link = os.path.relpath(page, readme_dir)
+        parts.append(f"#{summary}\n\nThe whole page, with the profile: [{link}]({link}).\n")
+    return "\n".join(parts)
+
+
+def update_readme(readme=REPO / "README.md", results_dir=RESULTS_DIR, profiles=PROFILES):
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise RecBoleLLMError(f"{readme} needs each results marker once, in its Results section: {BEGIN} ... {END}")
+    before, rest = text.split(BEGIN)
+    after = rest.split(END)[1]
+    section = results_section(results_dir, readme.parent, profiles)
+    readme.write_text(f"{before}{BEGIN}\n\n{section}\n{END}{after}")
+
+
+if __name__ == "__main__":
+    try:
+        update_readme()
+    except RecBoleLLMError as error:
+        print(f"update_readme.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,112 @@
+"""The benchmark scripts on the smoke profile (the tiny data, a tiny LLM): each writes its page, table and figure
+with sane numbers, and update_readme.py puts the pages into a README's Results section."""
+
+import csv
+import os
+
+import pytest
+
+from benchmarks import cost, quality
+from benchmarks.profile import load_profile
+from benchmarks.update_readme import BEGIN, END, results_section, update_readme
+from conftest import TESTS_DIR, module_workdir
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm import load_llm
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """Both scripts run once, on the smoke profile, into one results folder (the CF model trained once, reused)."""
+    with module_workdir(tmp_path_factory, "benchmarks") as workdir:
+        arguments = ["--profile=smoke", f"--out={workdir / 'results'}", f"--data_path={TESTS_DIR}/data"]
+        quality.main(arguments)
+        cost.main(arguments)
+        yield workdir / "results"
+
+
+def read_rows(path):
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def number(text):
+    return float(text.replace(",", ""))
+
+
+def assert_page(out, stem, expected_rows):
+    assert out.joinpath(f"{stem}.png").read_bytes().startswith(PNG_SIGNATURE)
+    page = out.joinpath(f"{stem}.md").read_text()
+    stamp = ["**Machine**", "**Versions**: Python 3.", "torch 2.", "recbole 1.2.1", "**Seed** 2020", "load average"]
+    assert all(line in page for line in stamp)
+    assert f"![" in page and f"]({stem}.png)" in page and "llm_path: tiny-llama" in page  # figure, then the profile
+    for label in expected_rows:
+        assert f"| {label} |" in page
+
+
+def test_quality_has_a_row_per_model_and_per_cf_model_with_sane_metrics(out):
+    rows = read_rows(out / "quality-smoke.csv")
+    expected = ["SASRec", "Laser", "SASRec (CF model of Laser)", "RSLLM", "SASRec (CF model of RSLLM)"]
+    assert [row["model"] for row in rows] == expected
+    assert list(load_profile("smoke").quality) == ["SASRec", "Laser", "RSLLM"]
+    for row in rows:
+        recall, ndcg = number(row["test recall@10"]), number(row["test ndcg@10"])
+        assert 0 <= ndcg <= recall <= number(row["test recall@20"]) <= 1  # one target per user: NDCG <= hit
+        assert number(row["trainable params"]) > 0
+    rsllm = rows[3]
+    assert 0 <= number(rsllm["test hr@1_candidates"]) <= number(rsllm["test valid_ratio"]) <= 1
+    assert rows[0]["test hr@1_candidates"] == ""  # the candidate protocol is RSLLM's alone
+    assert_page(out, "quality-smoke", expected)
+
+
+def test_cost_has_a_row_per_run_with_sane_figures(out):
+    rows = {row["run"]: row for row in read_rows(out / "cost-smoke.csv")}
+    assert list(rows) == list(load_profile("smoke").cost) == ["SASRec", "Laser", "RSLLM (unified stage)"]
+    for row in rows.values():
+        for key in ("train samples/s", "eval users/s", "first batch (s)", "checkpoint (MB)"):
+            assert number(row[key]) > 0, key
+        assert number(row["peak memory (MB)"]) > 100  # the process's peak RSS: torch alone takes more
+    tiny_llm_megabytes = sum(p.numel() * p.element_size() for p in load_llm("tiny-llama").model.parameters()) / 2**20
+    for label in ("Laser", "RSLLM (unified stage)"):
+        row = rows[label]
+        assert 0 < number(row["llm share"]) <= 1
+        assert number(row["bare fwd+bwd (s)"]) > 0 and number(row["bare fwd (s)"]) > 0
+        assert number(row["step / bare"]) == pytest.approx(number(row["step (s)"]) / number(row["bare fwd+bwd (s)"]))
+        assert number(row["eval / bare"]) == pytest.approx(number(row["eval batch (s)"]) / number(row["bare fwd (s)"]))
+        assert number(row["step / bare, CPU time"]) > 0 and number(row["eval / bare, CPU time"]) > 0
+        assert number(row["llm TFLOP/s"]) < number(row["bare TFLOP/s"])  # the same FLOPs, in a longer step
+        assert number(row["item matrix (s)"]) > 0
+        assert number(row["checkpoint (MB)"]) < tiny_llm_megabytes  # trainable weights only, never the LLM
+        assert row["llm"].startswith("tiny-llama, float32")
+    assert rows["SASRec"]["llm share"] == "" and rows["SASRec"]["llm"] == ""
+    assert_page(out, "cost-smoke", rows)
+
+
+def test_update_readme_writes_the_pages_between_the_markers(out, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n## Results\n\n{BEGIN}\nold\n{END}\n\n## Next\n")
+    update_readme(readme, out, profiles=("smoke", "gpu"))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n## Results\n\n") and text.endswith(f"{END}\n\n## Next\n") and "old" not in text
+    assert "### Quality: ml-100k-tiny" in text and "### Cost: ml-100k-tiny" in text and "**Machine**" in text
+    assert f"]({os.path.relpath(out, tmp_path)}/cost-smoke.png)" in text and "llm_path: tiny-llama" not in text  # figure; no profile
+    assert "`python benchmarks/cost.py --profile=gpu`" in text  # a page not written yet says how to write it
+
+    readme.write_text("# Title without markers\n")
+    with pytest.raises(RecBoleLLMError, match="marker"):
+        update_readme(readme, out)
+
+
+def test_readme_shows_the_committed_results():
+    """The README's Results section is what update_readme.py writes from benchmarks/results/ (rerun it after a
+    benchmark)."""
+    from benchmarks.report import REPO
+
+    text = (REPO / "README.md").read_text()
+    assert text.split(BEGIN)[1].split(END)[0].strip() == results_section().strip()
+
+
+def test_unknown_profile_is_a_one_line_error():
+    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, gpu, smoke"):
+        quality.main(["--profile=nope"])
