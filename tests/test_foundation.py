@@ -181,3 +181,20 @@ def test_model_lookup_leaves_autograd_anomaly_detection_off():
     """RecBole's sine.py switches anomaly detection on at import; left on, every backward pass is ~3x slower."""
     get_model("SASRec")
     assert not torch.is_anomaly_enabled()
+
+
+@pytest.mark.parametrize(
+    "config_file, model, expected",
+    [
+        ("full.yaml", "SASRec", {"MAX_ITEM_LIST_LENGTH": 50, "train_batches_per_epoch": None}),
+        ("laser_paper.yaml", "Laser", {"llm_layers": None, "cf_model": "BERT4Rec"}),
+        ("rsllm_full.yaml", "RSLLM", {"llm_layers": None, "max_prompt_items": 10, "candidate_eval": True}),
+        ("sharded.yaml", "Laser", {"llm_device_map": "auto", "llm_dtype": "bfloat16"}),
+    ],
+)
+def test_shipped_gpu_settings_files_parse_on_top_of_the_model_defaults(tmp_path, config_file, model, expected):
+    config = Config(
+        model=model, dataset=TINY_DATASET, config_file_list=[os.path.join(REPO, "properties", config_file)],
+        config_dict={"data_path": tiny_config(tmp_path)["data_path"]},
+    )
+    assert {key: config[key] for key in expected} == expected
