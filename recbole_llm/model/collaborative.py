@@ -37,7 +37,8 @@ CARRIED_KEYS = [
 NOT_IN_CACHE_KEY = {
     "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
     "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
-    "dataloaders_save_path", "single_spec", "local_rank", "resume",
+    "dataloaders_save_path", "single_spec", "local_rank", "resume", "resume_checkpoint",
+    "nproc", "world_size", "ip", "port", "offset", "ddp_timeout",  # how a run is spread, not what the model learns
 }
 
 
