@@ -394,7 +394,7 @@ def main(argv=None):
 def plot_step_breakdown(axis, llm_rows):
     """Per LLM model: its step split into time inside the LLM and outside, beside the bare LLM's forward+backward."""
     labels = [row["run"] for row in llm_rows]
-    positions = np.arange(len(labels))
+    positions = np.arange(len(labels))[::-1]  # the first row on top, as in the throughput panel
     inside = [row["step (s)"] * row["llm share"] for row in llm_rows]
     outside = [row["step (s)"] - seconds for row, seconds in zip(llm_rows, inside)]
     axis.barh(positions + 0.2, inside, height=0.4, color="tab:orange", label="step: inside the LLM")
