@@ -11,20 +11,23 @@ own fit() (its first stage with epochs > 0, no validation), watched at every opt
   matrix a stage or epoch starts with, the step);
 - step time and train samples/s: the next `train` steps (data loading included);
 - bare LLM fwd+bwd: the same decoder (RSLLM: its LoRA adapters off) on the inputs it got in each of those steps,
-  into a leaf inputs_embeds, so that the backward reaches the input as the model's does: the floor a step can reach
-  (RSLLM's step runs the LLM more than once: its item and title passes are above the floor);
+  run right after the step (the same load on the machine), into a leaf inputs_embeds, so that the backward reaches
+  the input as the model's does: the floor a step can reach (RSLLM's step runs the LLM more than once: its item and
+  title passes are above the floor);
 - LLM share: the share of `profiled` further steps that torch.profiler finds inside the frozen LLM (the forward of
   its decoder and LM head, and the backward of the ops they ran, matched by autograd sequence number);
 - LLM TFLOP/s: the FLOPs of the bare LLM on the steps' inputs (torch's FlopCounterMode) per second of step, and
   against the GPU's dense bf16 peak;
 - evaluation: the item matrix (the model's begin_evaluation), then `eval` user batches of the validation split
-  through full_sort_predict, as RecBole's evaluator calls it, each against the bare LLM forward on its inputs;
+  through full_sort_predict, as RecBole's evaluator calls it, each followed by the bare LLM forward on its inputs;
 - peak memory: the process's peak RSS on CPU (imported libraries included), torch.cuda.max_memory_allocated on GPU;
 - checkpoint: the size of the trainer's checkpoint after the steps.
 
-Ratios are of sums over the same batches, by wall-clock time and, on CPU, by the process's CPU time, which other
-processes on the machine inflate less. Writes cost-<profile>.md (stamp and tables), .csv (every figure) and .png.
-Any other --key=value goes to every run's config.
+Ratios are of sums over the same batches, by wall-clock time and, on CPU, by the process's CPU time. Torch uses
+OMP_NUM_THREADS threads on CPU (default: one per core); on a machine shared with other processes, OMP_NUM_THREADS=1
+gives steadier figures, as busy cores stall every parallel region of a multi-threaded run. Writes
+cost-<profile>.md (stamp and tables), .csv (every figure) and .png. Any other --key=value goes to every run's
+config.
 """
 
 import contextlib
@@ -126,13 +129,15 @@ class LLMWatch:
 
 
 class StepClock:
-    """Watches the trainer's optimizer steps (a global optimizer hook): step 0 is the first batch, then `n_timed`
-    timed steps (with the LLM call each made), then `n_profiled` steps under torch.profiler; then StepsDone."""
+    """Watches the trainer's optimizer steps (a global optimizer hook): step 0 is the first batch; each of the next
+    `n_timed` steps is timed, and its LLM call replayed right after it by `bare` (so that both meet the same load on
+    the machine); then `n_profiled` steps run under torch.profiler, and StepsDone ends training."""
 
-    def __init__(self, n_timed, n_profiled, device, watch):
-        self.n_timed, self.n_profiled, self.device, self.watch = n_timed, n_profiled, device, watch
-        self.ends, self.llm_calls = [], []  # (wall, CPU) clock at the end of each step; the LLM call of each
-        self.profiler = None
+    def __init__(self, n_timed, n_profiled, device, watch, bare=None):
+        self.n_timed, self.n_profiled, self.device, self.watch, self.bare = n_timed, n_profiled, device, watch, bare
+        self.n_done, self.first_end, self.resumed = 0, None, None
+        self.steps, self.bare_runs = [], []  # (wall, CPU) seconds of each timed step; bare()'s result for each
+        self.profiler, self.profile_start, self.profile_end = None, None, None
 
     def __enter__(self):
         self.handle = register_optimizer_step_post_hook(self._after_step)
@@ -143,26 +148,26 @@ class StepClock:
         self.handle.remove()
 
     def _after_step(self, optimizer, args, kwargs):
-        self.ends.append(clock(self.device))
-        self.llm_calls.append(self.watch.take_call())
-        done = len(self.ends)
-        if done == 1 + self.n_timed and self.n_profiled:
+        end = clock(self.device)
+        self.n_done += 1
+        if self.n_done == 1:
+            self.first_end = end[0]
+        elif self.n_done <= 1 + self.n_timed:
+            self.steps.append((end[0] - self.resumed[0], end[1] - self.resumed[1]))
+            if self.bare:
+                self.bare_runs.append(self.bare(self.watch.take_call()))
+        if self.n_done == 1 + self.n_timed and self.n_profiled:
             activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (self.device.type == "cuda")
             self.profiler = profile(activities=activities)
             self.profiler.start()
-        if done == 1 + self.n_timed + self.n_profiled:
+            self.profile_start = clock(self.device)[0]
+        if self.n_done == 1 + self.n_timed + self.n_profiled:
             if self.profiler:
                 self.profiler.stop()
+                self.profile_end = end[0]
             raise StepsDone
         self.watch.expect_call()
-
-    def timed_seconds(self):
-        """Wall and CPU seconds of the timed steps, summed, and their LLM calls."""
-        (wall_0, cpu_0), (wall_1, cpu_1) = self.ends[0], self.ends[self.n_timed]
-        return wall_1 - wall_0, cpu_1 - cpu_0, self.llm_calls[1 : 1 + self.n_timed]
-
-    def profiled_seconds(self):
-        return self.ends[self.n_timed + self.n_profiled][0] - self.ends[self.n_timed][0]
+        self.resumed = clock(self.device)
 
 
 def clock(device):
@@ -189,14 +194,14 @@ def llm_seconds(events, on_gpu):
     return sum(spent(event) for event in forwards + backwards)
 
 
-def bare_llm(model, calls, backward, amp_dtype):
-    """The model's frozen decoder alone (RSLLM: LoRA off) on kept calls' inputs: wall and CPU seconds and FLOPs,
-    summed over the calls. Each call runs once under FlopCounterMode (a warm-up too), then once timed."""
+def bare_llm(model, call, backward, amp_dtype):
+    """The model's frozen decoder alone (RSLLM: LoRA off) on a kept call's inputs: once under FlopCounterMode (a
+    warm-up too), then once timed. Returns wall and CPU seconds and FLOPs."""
     decoder = llm_parts(model)[0]
-    device = calls[0][1]["inputs_embeds"].device
-    wall = cpu = flops = 0
+    args, kwargs = call
+    device = kwargs["inputs_embeds"].device
 
-    def run(args, kwargs):
+    def run():
         inputs_embeds = kwargs["inputs_embeds"].clone().requires_grad_(backward)
         with torch.set_grad_enabled(backward), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             hidden = decoder(*args, **{**kwargs, "inputs_embeds": inputs_embeds}).last_hidden_state
@@ -204,14 +209,17 @@ def bare_llm(model, calls, backward, amp_dtype):
                 hidden[:, -1].float().pow(2).mean().backward()
 
     with getattr(model.llm, "disable_adapter", contextlib.nullcontext)():  # a PeftModel's adapters off
-        for args, kwargs in calls:
-            with FlopCounterMode(display=False) as flop_counter:
-                run(args, kwargs)
-            (wall_0, cpu_0) = clock(device)
-            run(args, kwargs)
-            (wall_1, cpu_1) = clock(device)
-            wall, cpu, flops = wall + wall_1 - wall_0, cpu + cpu_1 - cpu_0, flops + flop_counter.get_total_flops()
-    return wall, cpu, flops
+        with FlopCounterMode(display=False) as flop_counter:
+            run()
+        start = clock(device)
+        run()
+        end = clock(device)
+    return end[0] - start[0], end[1] - start[1], flop_counter.get_total_flops()
+
+
+def sums(runs):
+    """Column sums of (wall, CPU, ...) tuples."""
+    return [sum(column) for column in zip(*runs)]
 
 
 def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
@@ -232,32 +240,33 @@ def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
     amp_dtype = getattr(trainer, "amp_dtype", None)
     watch = LLMWatch(parts)
     n_timed, n_profiled = steps["train"], steps["profiled"] if parts else 0
-    with StepClock(n_timed, n_profiled, device, watch) as step_clock:
+    bare_step = (lambda call: bare_llm(model, call, True, amp_dtype)) if parts else None
+    with StepClock(n_timed, n_profiled, device, watch, bare_step) as step_clock:
         try:
             trainer.fit(train_data, valid_data=None, saved=False, show_progress=False)
         except StepsDone:
             pass
         else:
             raise RecBoleLLMError(
-                f"cost run '{label}' ran out of training batches after {len(step_clock.ends)} steps; it needs "
+                f"cost run '{label}' ran out of training batches after {step_clock.n_done} steps; it needs "
                 f"{n_timed + n_profiled + 1}: lower cost_steps or the batch size, or raise epochs"
             )
-    step_wall, step_cpu, train_calls = step_clock.timed_seconds()
+    step_wall, step_cpu = sums(step_clock.steps)
     row = {
         "run": label,
         "model": config["model"],
         "llm": llm_name(config, model, parts),
-        "device": f"CPU, {threads} threads" if on_cpu else torch.cuda.get_device_name(device),
+        "device": f"CPU, {threads} thread{'s' * (threads > 1)}" if on_cpu else torch.cuda.get_device_name(device),
         "train batch": config["train_batch_size"],
-        "first batch (s)": step_clock.ends[0][0] - start,
+        "first batch (s)": step_clock.first_end - start,
         "step (s)": step_wall / n_timed,
         "train samples/s": config["train_batch_size"] * n_timed / step_wall,
         "checkpoint (MB)": checkpoint_megabytes(trainer),
     }
     if parts:
-        llm_share = llm_seconds(step_clock.profiler.events(), not on_cpu) / step_clock.profiled_seconds()
-        row["llm share"] = min(1.0, llm_share)
-        bare_wall, bare_cpu, bare_flops = bare_llm(model, train_calls, True, amp_dtype)
+        profiled_seconds = step_clock.profile_end - step_clock.profile_start
+        row["llm share"] = min(1.0, llm_seconds(step_clock.profiler.events(), not on_cpu) / profiled_seconds)
+        bare_wall, bare_cpu, bare_flops = sums(step_clock.bare_runs)
         row["bare fwd+bwd (s)"] = bare_wall / n_timed
         row["step / bare"] = step_wall / bare_wall
         row["step / bare, CPU time"] = step_cpu / bare_cpu if on_cpu else None
@@ -271,22 +280,24 @@ def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
         if isinstance(model, LLMSequentialRecommender):
             model.begin_evaluation()  # e.g. the item matrix, once per evaluation
         row["item matrix (s)"] = clock(device)[0] - evaluation_start if parts else None
-        eval_wall = eval_cpu = users = 0
-        eval_calls = []
+        batches, bare_runs, users = [], [], 0
         for interaction, *_ in itertools.islice(valid_data, steps["eval"]):
             interaction = interaction.to(device)
             watch.expect_call()
-            wall_0, cpu_0 = clock(device)
+            start = clock(device)
             model.full_sort_predict(interaction)
-            wall_1, cpu_1 = clock(device)
-            eval_wall, eval_cpu, users = eval_wall + wall_1 - wall_0, eval_cpu + cpu_1 - cpu_0, users + len(interaction)
-            eval_calls.append(watch.take_call())
+            end = clock(device)
+            batches.append((end[0] - start[0], end[1] - start[1]))
+            users += len(interaction)
+            if parts:
+                bare_runs.append(bare_llm(model, watch.take_call(), False, amp_dtype))  # right after, same load
     watch.remove()
+    eval_wall, eval_cpu = sums(batches)
     row["eval users/s"] = users / eval_wall
     if parts:
-        bare_wall, bare_cpu, _ = bare_llm(model, eval_calls, False, amp_dtype)
-        row["eval batch (s)"] = eval_wall / len(eval_calls)
-        row["bare fwd (s)"] = bare_wall / len(eval_calls)
+        bare_wall, bare_cpu, _ = sums(bare_runs)
+        row["eval batch (s)"] = eval_wall / len(batches)
+        row["bare fwd (s)"] = bare_wall / len(batches)
         row["eval / bare"] = eval_wall / bare_wall
         row["eval / bare, CPU time"] = eval_cpu / bare_cpu if on_cpu else None
     row["peak memory (MB)"] = peak_memory_megabytes(device)
@@ -383,7 +394,7 @@ def main(argv=None):
 def plot_step_breakdown(axis, llm_rows):
     """Per LLM model: its step split into time inside the LLM and outside, beside the bare LLM's forward+backward."""
     labels = [row["run"] for row in llm_rows]
-    positions = np.arange(len(labels))
+    positions = np.arange(len(labels))[::-1]  # the first row on top, as in the throughput panel
     inside = [row["step (s)"] * row["llm share"] for row in llm_rows]
     outside = [row["step (s)"] - seconds for row, seconds in zip(llm_rows, inside)]
     axis.barh(positions + 0.2, inside, height=0.4, color="tab:orange", label="step: inside the LLM")

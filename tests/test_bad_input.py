@@ -22,7 +22,7 @@ from transformers import BertConfig, GPT2Config
 from conftest import TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.config import Config
-from recbole_llm.llm.backbone import TINY_CONFIGS, clear_llm_cache
+from recbole_llm.llm.backbone import RANDOM_CONFIGS, clear_llm_cache
 from recbole_llm.model.collaborative import trained_checkpoint
 from recbole_llm.model.sequential_recommender.laser import REFRESHED_ITEMS, Laser
 from run_recbole_llm import main
@@ -269,7 +269,7 @@ def gpt2_with_positions(monkeypatch):
 
     def build(n_positions):
         clear_llm_cache()
-        monkeypatch.setitem(TINY_CONFIGS, "tiny-gpt2", lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=n_positions))
+        monkeypatch.setitem(RANDOM_CONFIGS, "tiny-gpt2", lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=n_positions))
 
     yield build
     clear_llm_cache()  # no later test may get the short model

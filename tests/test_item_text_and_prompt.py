@@ -199,6 +199,14 @@ def test_long_histories_keep_the_most_recent_items(item_text, tokenizer, histori
         assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, recent))
 
 
+def test_items_by_text_length_are_a_permutation_of_rising_length(item_text, tokenizer):
+    items = torch.arange(1, len(item_text.texts))
+    ordered = make_assembler(item_text, tokenizer).by_text_length(items)
+    assert sorted(ordered.tolist()) == items.tolist()
+    lengths = item_text.lengths[ordered]
+    assert (lengths[1:] >= lengths[:-1]).all() and lengths[0] < lengths[-1]
+
+
 def test_an_item_alone_is_a_one_item_history(item_text, tokenizer, embed):
     assembler = make_assembler(item_text, tokenizer)
     items = torch.tensor([1, 2, 3])

@@ -211,6 +211,17 @@ def test_shapes_of_the_embeddings_and_scores(laser, batch):
     assert (scores[:, 1:].abs() <= 1 / laser.tau + 1e-3).all()
 
 
+def test_item_matrix_batched_by_text_length_holds_each_items_own_embedding(laser, monkeypatch):
+    monkeypatch.setattr(laser, "item_batch_size", 37)  # batches of items of one text length, not of neighbouring ids
+    laser.eval()
+    items = torch.tensor([1, 2, 3, 200, laser.n_items - 1])
+    with torch.no_grad():
+        matrix = laser.compute_item_matrix()
+        alone = torch.nn.functional.normalize(laser.item_embedding(items), dim=-1)
+    assert torch.allclose(matrix[items], alone, atol=1e-5)
+    assert (matrix[0] == 0).all()  # the padding item
+
+
 def test_user_embedding_is_the_llm_output_at_the_suffix(laser, batch):
     laser.eval()
     item_seq, item_len = batch[laser.ITEM_SEQ], batch[laser.ITEM_SEQ_LEN]

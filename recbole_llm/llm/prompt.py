@@ -86,6 +86,10 @@ class PromptAssembler(nn.Module):
         fixed = self.n_prefix + len(self.head_ids) + len(self.tail_ids) + self.n_suffix
         return fixed + per_item.cumsum(0) + (n_items - 1) * len(self.separator_ids)
 
+    def by_text_length(self, items: torch.LongTensor) -> torch.LongTensor:
+        """Items [N] ordered by the length of their text: batches of neighbours pad little (length bucketing)."""
+        return items[self.item_token_valid[items].sum(1).argsort(stable=True)]
+
     def item_only(self, items: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Items [N] as one-item histories (item_seq [N, 1], item_len [N]), to write an item with the user template."""
         return items[:, None], torch.ones_like(items)
@@ -108,7 +112,8 @@ class PromptAssembler(nn.Module):
         device = item_seq.device
         batch_size, max_len = item_seq.shape
         n_kept = item_len.clamp(max=self.max_prompt_items)  # [B]
-        window = torch.arange(int(n_kept.max()), device=device)  # [W]
+        # sized by shapes, not by n_kept's values: no host sync (the few unused entries are masked out)
+        window = torch.arange(min(self.max_prompt_items, max_len), device=device)  # [W]
         kept = window < n_kept[:, None]  # [B, W]
         columns = (item_len - n_kept)[:, None] + window  # [B, W] column in item_seq of the w-th kept item
         items = item_seq.gather(1, columns.clamp(max=max_len - 1)).masked_fill(~kept, 0)  # [B, W]
@@ -118,7 +123,7 @@ class PromptAssembler(nn.Module):
         n_before, n_after = self.n_prefix + len(self.head_ids), len(self.tail_ids) + self.n_suffix
         history_ids, history_valid = segment_ids.flatten(1), segment_valid.flatten(1)  # [B, W*S]
         lengths = n_before + history_valid.sum(1) + n_after  # [B]
-        prompt_len = int(lengths.max())
+        prompt_len = int(lengths.max())  # the one host sync: the padded length is a shape
         start = prompt_len - lengths  # [B] first real position
         # each real history token goes right after the real ones before it; the others to a column cut off below
         destination = torch.where(history_valid, start[:, None] + n_before + history_valid.cumsum(1) - 1, prompt_len)
@@ -140,11 +145,15 @@ class PromptAssembler(nn.Module):
             slot_positions.scatter_(1, columns.masked_fill(~kept, max_len), slot_destination)
             slot_positions = slot_positions[:, :max_len]  # [B, L]
 
-        learned = [
-            (positions, vectors.expand(batch_size, -1, -1))
-            for positions, vectors in [(prefix_positions, prefix), (suffix_positions, suffix), (slot_positions, slots)]
+        rows = torch.arange(batch_size, device=device)[:, None]
+        learned = [  # (rows [B, n], positions [B, n], vectors [B, n, d]); prefix and suffix sit in every prompt
+            (rows.expand_as(positions), positions, vectors.expand(batch_size, -1, -1))
+            for positions, vectors in [(prefix_positions, prefix), (suffix_positions, suffix)]
             if vectors is not None
         ]
+        if slots is not None:  # slots only of the items written: a history shorter than the window has fewer
+            written = slot_positions >= 0
+            learned.append((rows.expand_as(written)[written], slot_positions[written], slots[written]))
         return Prompt(
             inputs_embeds=_embed_with(embed(input_ids), learned),
             attention_mask=attention_mask,
@@ -206,16 +215,16 @@ def _with(reserved_tokens):
 
 
 def _embed_with(inputs_embeds, learned):
-    """inputs_embeds [B, T, d] with each (positions [B, n] (-1: none), vectors [B, n, d]) pair written in one go.
+    """inputs_embeds [B, T, d] with each (rows, positions, vectors [..., d]) triple written in one go.
 
     In place: the embedding lookup keeps only the ids for its backward, and a copy of [B, T, d] would double memory.
     """
     if not learned:
         return inputs_embeds
-    positions = torch.cat([positions for positions, _ in learned], dim=1)  # [B, n_learned]
-    vectors = torch.cat([vectors.to(inputs_embeds.dtype) for _, vectors in learned], dim=1)  # [B, n_learned, d]
-    rows = torch.arange(len(positions), device=positions.device)[:, None].expand_as(positions)
-    here = positions >= 0
+    rows = torch.cat([rows.flatten() for rows, _, _ in learned])  # [n_learned]
+    positions = torch.cat([positions.flatten() for _, positions, _ in learned])  # [n_learned]
+    vectors = torch.cat([vectors.reshape(-1, vectors.shape[-1]) for _, _, vectors in learned])  # [n_learned, d]
+    vectors = vectors.to(inputs_embeds.dtype)
     if inputs_embeds.is_leaf and inputs_embeds.requires_grad:  # an input-grad hook (checkpointing) made it a leaf
-        return inputs_embeds.index_put((rows[here], positions[here]), vectors[here])
-    return inputs_embeds.index_put_((rows[here], positions[here]), vectors[here])
+        return inputs_embeds.index_put((rows, positions), vectors)
+    return inputs_embeds.index_put_((rows, positions), vectors)

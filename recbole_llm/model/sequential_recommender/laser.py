@@ -166,10 +166,10 @@ class Laser(LLMSequentialRecommender):
         """Every item's unit-norm embedding with the current weights, batched, without gradient: [n_items, d_llm]."""
         was_training = self.training
         self.eval()  # the matrix is a fixed target: no dropout in it
-        items = torch.arange(1, self.n_items, device=self.item_matrix.device)
+        items = self.item_prompt.by_text_length(torch.arange(1, self.n_items, device=self.item_matrix.device))
         embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
         self.train(was_training)
-        return torch.cat([torch.zeros_like(embeddings[:1]), F.normalize(embeddings, dim=-1)])
+        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings, dim=-1))
 
     def refresh_item_matrix(self):
         """Recompute the item matrix, unless no weight changed since it was computed (e.g. a stage-1 epoch right
