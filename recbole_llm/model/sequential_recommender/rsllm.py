@@ -242,9 +242,11 @@ class RSLLM(LLMSequentialRecommender):
         weights = (self.stage, self.checkpoint_state_dict())
         if self.item_matrix is not None and same_weights(weights, self.item_matrix_weights):
             return  # e.g. the test right after the last validation, with the best weights still loaded
-        items = torch.arange(self.n_items, device=self.title_ids.device)
-        item_matrix = torch.cat([self.item_tower(batch) for batch in items.split(self.item_batch_size)])
-        self.item_matrix = F.normalize(item_matrix, dim=-1)  # [n_items, d_llm], reused by every user batch
+        # items of one text length batched together pad little; row 0 (padding) stays zero
+        items = torch.arange(1, self.n_items, device=self.title_ids.device)
+        items = self.item_prompts[self.stage].by_text_length(items)
+        rows = F.normalize(torch.cat([self.item_tower(batch) for batch in items.split(self.item_batch_size)]), dim=-1)
+        self.item_matrix = rows.new_zeros(self.n_items, rows.shape[1]).index_copy(0, items, rows)  # [n_items, d_llm]
         self.item_matrix_weights = (self.stage, {name: tensor.clone() for name, tensor in weights[1].items()})
 
     def user_states(self, interaction):
