@@ -305,11 +305,11 @@ def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
 
 
 def llm_name(config, model, parts):
-    """llm_path, dtype and (Laser) how many of its layers run; None for a model without an LLM."""
+    """llm_path, dtype and how many of its layers run (llm_layers); None for a model without an LLM."""
     if not parts:
         return None
     dtype = str(next(parts[0].parameters()).dtype).removeprefix("torch.")
-    layers = config["llm_layers"] if isinstance(model, Laser) else None
+    layers = config["llm_layers"]
     return f"{config['llm_path']}, {dtype}" + (f", first {layers} layers" if layers else "")
 
 
