@@ -51,8 +51,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.profile import load_profile, split_arguments  # noqa: E402
-from benchmarks.report import RESULTS_DIR, Stamp, command_line, markdown_table, saved_figure  # noqa: E402
+from benchmarks.profile import benchmark_settings  # noqa: E402
+from benchmarks.report import markdown_table, run_script, saved_figure  # noqa: E402
 from benchmarks.report import write_csv, write_page  # noqa: E402
 from recbole_llm.config import Config  # noqa: E402
 from recbole_llm.errors import RecBoleLLMError  # noqa: E402
@@ -361,10 +361,7 @@ def _send_result(sender, function, args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    own, overrides = split_arguments(argv)
-    profile = load_profile(own.get("profile", "cpu"), overrides)
-    out = Path(own.get("out", RESULTS_DIR))
-    stamp = Stamp(profile, command_line("cost.py", argv))
+    profile, out, stamp = benchmark_settings("cost.py", argv)
     rows = [
         in_fresh_process(measure, label, settings["model"], profile.dataset, profile.run_config(settings),
                          profile.cost_steps, os.getcwd(), torch.get_num_threads())
@@ -407,8 +404,4 @@ def plot_step_breakdown(axis, llm_rows):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecBoleLLMError as error:
-        print(f"cost.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "cost.py")

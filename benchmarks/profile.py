@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.report import RESULTS_DIR, Stamp, command_line
 from recbole_llm.errors import RecBoleLLMError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -78,3 +79,10 @@ def split_arguments(argv):
         else:
             overrides[key] = yaml.safe_load(value)
     return own, overrides
+
+
+def benchmark_settings(script, argv):
+    """A benchmark's command line -> its profile (with the --key=value overrides), output folder and stamp."""
+    own, overrides = split_arguments(argv)
+    profile = load_profile(own.get("profile", "cpu"), overrides)
+    return profile, Path(own.get("out", RESULTS_DIR)), Stamp(profile, command_line(script, argv))

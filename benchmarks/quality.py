@@ -12,11 +12,10 @@ from pathlib import Path
 
 # the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.profile import load_profile, split_arguments  # noqa: E402
-from benchmarks.report import RESULTS_DIR, Stamp, command_line, markdown_table, saved_figure  # noqa: E402
+from benchmarks.profile import benchmark_settings  # noqa: E402
+from benchmarks.report import markdown_table, run_script, saved_figure  # noqa: E402
 from benchmarks.report import write_csv, write_page  # noqa: E402
 from recbole_llm.comparison import comparison_rows, with_companions  # noqa: E402
-from recbole_llm.errors import RecBoleLLMError  # noqa: E402
 from recbole_llm.quick_start import run_recbole_llms  # noqa: E402
 
 COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio come from RSLLM's candidate protocol
@@ -37,10 +36,7 @@ PLOTTED = {"test ndcg@10": "test NDCG@10", "test recall@10": "test Recall@10"}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    own, overrides = split_arguments(argv)
-    profile = load_profile(own.get("profile", "cpu"), overrides)
-    out = Path(own.get("out", RESULTS_DIR))
-    stamp = Stamp(profile, command_line("quality.py", argv))
+    profile, out, stamp = benchmark_settings("quality.py", argv)
     results = run_recbole_llms(
         list(profile.quality), profile.dataset, config_dict=profile.config, model_config_dicts=profile.quality
     )
@@ -69,8 +65,4 @@ def gpu_name():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RecBoleLLMError as error:
-        print(f"quality.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "quality.py")

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,7 @@ class Stamp:
         self.profile, self.command = profile, command
         self.started = datetime.now(timezone.utc)
         self.load_before = os.getloadavg()[0]
+        self.revision = git_revision()  # before the benchmark writes its own files into the checkout
 
     def lines(self, gpu_name=None):
         """The stamp as Markdown lines; gpu_name is the GPU the runs used (None: CPU only)."""
@@ -56,10 +58,21 @@ class Stamp:
             f"- **Date**: {self.started:%Y-%m-%d %H:%M} UTC, {elapsed_min:.1f} min; load average (1 min) "
             f"{self.load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
             f"- **Versions**: Python {platform.python_version()}, {versions}, recbole_llm at "
-            f"{git_revision() or 'an unknown commit'}",
+            f"{self.revision or 'an unknown commit'}",
             f"- **Seed** {self.profile.config.get('seed', 2020)}, dataset {self.profile.dataset}, "
             f"profile `{self.profile.name}`: `{self.command}`",
         ]
+
+
+def run_script(main, script):
+    """A benchmark script's command-line entry: bad input as one line on stderr and exit status 2."""
+    from recbole_llm.errors import RecBoleLLMError  # the scripts put the repository on sys.path first
+
+    try:
+        main()
+    except RecBoleLLMError as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def command_line(script, argv):

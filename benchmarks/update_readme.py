@@ -11,7 +11,7 @@ from pathlib import Path
 
 # the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR  # noqa: E402
+from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR, run_script  # noqa: E402
 from recbole_llm.errors import RecBoleLLMError  # noqa: E402
 
 BEGIN = "<!-- benchmark results: written by `python benchmarks/update_readme.py` from benchmarks/results/ -->"
@@ -48,8 +48,4 @@ def update_readme(readme=REPO / "README.md", results_dir=RESULTS_DIR, profiles=P
 
 
 if __name__ == "__main__":
-    try:
-        update_readme()
-    except RecBoleLLMError as error:
-        print(f"update_readme.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(update_readme, "update_readme.py")
