@@ -1,4 +1,5 @@
-"""The comparison table of several runs: Markdown for people, CSV for scripts."""
+"""The comparison table of several runs, and the one table writer of the plugin and its benchmarks: Markdown for
+people, CSV for scripts."""
 
 import csv
 
@@ -22,31 +23,42 @@ def comparison_rows(results):
     return rows
 
 
-def to_markdown(rows):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_comparison(results, path_stem):
     """Write ``<path_stem>.md`` and ``<path_stem>.csv``; returns the Markdown."""
     rows = comparison_rows(results)
-    markdown = to_markdown(rows)
+    markdown = markdown_table(rows)
     with open(path_stem + ".md", "w") as f:
         f.write(markdown + "\n")
-    with open(path_stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path_stem, rows)
     return markdown
 
 
-def _format(value):
-    if value is None:
+def markdown_table(rows, columns=None):
+    """rows (dicts) as a Markdown table of `columns` ({key: heading}; None: every key, as its own heading), numbers
+    written to a readable precision."""
+    columns = columns or {key: key for key in all_keys(rows)}
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(readable(row.get(key)) for key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path_stem, rows):
+    """``<path_stem>.csv``: every key of every row, each value as it is."""
+    with open(f"{path_stem}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=all_keys(rows))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def all_keys(rows):
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def readable(value):
+    if value is None or value == "":
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 1 else f"{value:.3g}"  # metrics and shares to 4 decimals

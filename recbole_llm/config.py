@@ -1,17 +1,19 @@
-"""RecBole's Config with the plugin's model lookup, the plugin's YAML defaults and today's-stack fixes."""
+"""RecBole's Config with the plugin's model lookup, the plugin's YAML defaults, the CPU budget of the default LLM and
+today's-stack fixes."""
 
 import os
 import warnings
-from datetime import timedelta
 from importlib.util import find_spec
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from recbole.config import Config as RecBoleConfig
 
+from recbole_llm.distributed import join_process_group
 from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.llm.backbone import SMOLLM2_ALIAS
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.utils import get_model, properties_dir
 
 # NumPy 2 removed these aliases; RecBole 1.2.1 still uses them (Config, metrics, interaction, dataset).
@@ -37,12 +39,37 @@ def bundled_dataset_dir(dataset):
     return path if os.path.isdir(path) else None
 
 
+def cpu_budget(config):
+    """The settings of ``cpu_budget`` this run takes: all those the user did not set, when it runs the default LLM
+    on a CPU; none otherwise (an LLM the user names runs as they say)."""
+    budget = config["cpu_budget"]
+    if not budget or config["llm_path"] != SMOLLM2_ALIAS or config["device"].type != "cpu":
+        return {}
+    return {key: value for key, value in budget.items() if key not in config.external_config_dict}
+
+
 class Config(RecBoleConfig):
     """RecBole's Config; the plugin's YAML files are read after RecBole's, so plugin defaults win over RecBole's
     and the user's files, dicts and ``--key=value`` still win over both."""
 
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None):
+        super().__init__(model, dataset, config_file_list, config_dict)
+        self.final_config_dict.update(cpu_budget(self))
+
     def compatibility_settings(self):
         restore_numpy_aliases()
+
+    def _convert_config_dict(self, config_dict):
+        """RecBole's reading of ``--key=value`` (Python literals, true, false), and lists of words written as YAML
+        writes them, which Python cannot read: --item_text_fields=[name,year]."""
+        config_dict = super()._convert_config_dict(config_dict)
+        for key, value in config_dict.items():
+            if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+                try:
+                    config_dict[key] = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass  # not a list after all: the text as it is
+        return config_dict
 
     def _load_config_files(self, file_list):
         for file in file_list or []:
@@ -66,7 +93,8 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        plugin_files = ["overall.yaml", f"model/{model}.yaml", f"dataset/{dataset}.yaml"]
+        llm_files = ["llm.yaml"] if issubclass(model_class, LLMSequentialRecommender) else []
+        plugin_files = ["overall.yaml", *llm_files, f"model/{model}.yaml", f"dataset/{dataset}.yaml"]
         for file in plugin_files:
             path = os.path.join(properties_dir(), file)
             if os.path.isfile(path):
@@ -75,44 +103,10 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [k for k in config_dict if k not in self.parameters["Dataset"]]
 
     def _init_device(self):
-        """RecBole's devices. In a multi-process run (``local_rank`` set by quick_start.run) a process runs on GPU
-        ``local_rank`` of gpu_id, or on the CPU, in a process group whose backend fits the device: nccl on GPUs, gloo
-        on CPUs (RecBole hard-codes nccl, which has no CPU support)."""
-        settings = self.final_config_dict
-        if "local_rank" not in settings:
+        """RecBole's devices; a process of a multi-process run (``local_rank`` set by quick_start.run) joins its group."""
+        if "local_rank" not in self.final_config_dict:
             return super()._init_device()
-        gpu_id = settings["gpu_id"]
-        gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
-        settings["gpu_id"] = gpu_id
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
-        on_gpus = len(gpu_id) > 0 and torch.cuda.is_available()  # RecBole's rule for one process
-        nproc, local_rank = settings["nproc"], settings["local_rank"]
-        if on_gpus and len(gpu_id.split(",")) < nproc:
-            raise RecBoleLLMError(
-                f"nproc={nproc} processes need one GPU each, but gpu_id is '{gpu_id}': pass as many ids, "
-                f"e.g. --gpu_id={','.join(map(str, range(nproc)))}"
-            )
-        if settings.get("llm_device_map"):
-            raise RecBoleLLMError(
-                "llm_device_map spreads one LLM over every GPU of one process, but this run has several processes: "
-                "use llm_device_map with nproc=1, or drop it to run one copy of the LLM per GPU"
-            )
-        if not dist.is_initialized():  # a comparison runs several models in one process group
-            dist.init_process_group(
-                backend="nccl" if on_gpus else "gloo",
-                init_method=f"tcp://{settings['ip']}:{settings['port']}",
-                rank=local_rank + settings["offset"],
-                world_size=settings["world_size"],
-                timeout=timedelta(minutes=settings["ddp_timeout"]),
-            )
-        settings["single_spec"] = False
-        settings["device"] = torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
-        if on_gpus:
-            torch.cuda.set_device(local_rank)
-        elif "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the processes share the CPU's cores
-            torch.set_num_threads(max(1, torch.get_num_threads() // nproc))
-        if local_rank != 0:  # as RecBole: the other processes only report errors
-            settings.update(state="error", show_progress=False, verbose=False)
+        join_process_group(self.final_config_dict)
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

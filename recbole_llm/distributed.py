@@ -7,7 +7,9 @@ repeats to even the processes out. Here the model is wrapped for any device, and
 rows of every process, keeps each evaluated sample once and computes the metrics once: exactly those of one process.
 """
 
+import os
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,44 @@ from recbole_llm.errors import RecBoleLLMError
 
 # The data RecBole's Collector gathers batch by batch: one row per evaluated sample (user) in full and sampled ranking.
 PER_SAMPLE_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
+
+
+def join_process_group(settings):
+    """Sets up one process of a multi-process run (``local_rank`` set by quick_start.run) in its final settings, as
+    RecBole's Config does, but with a backend that fits the device: the process runs on GPU ``local_rank`` of gpu_id
+    with nccl, or on the CPU with gloo (RecBole hard-codes nccl, which has no CPU support)."""
+    gpu_id = settings["gpu_id"]
+    gpu_id = ",".join(map(str, gpu_id)) if isinstance(gpu_id, tuple) else str(gpu_id)
+    settings["gpu_id"] = gpu_id
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    on_gpus = len(gpu_id) > 0 and torch.cuda.is_available()  # RecBole's rule for one process
+    nproc, local_rank = settings["nproc"], settings["local_rank"]
+    if on_gpus and len(gpu_id.split(",")) < nproc:
+        raise RecBoleLLMError(
+            f"nproc={nproc} processes need one GPU each, but gpu_id is '{gpu_id}': pass as many ids, "
+            f"e.g. --gpu_id={','.join(map(str, range(nproc)))}"
+        )
+    if settings.get("llm_device_map"):
+        raise RecBoleLLMError(
+            "llm_device_map spreads one LLM over every GPU of one process, but this run has several processes: "
+            "use llm_device_map with nproc=1, or drop it to run one copy of the LLM per GPU"
+        )
+    if not dist.is_initialized():  # a comparison runs several models in one process group
+        dist.init_process_group(
+            backend="nccl" if on_gpus else "gloo",
+            init_method=f"tcp://{settings['ip']}:{settings['port']}",
+            rank=local_rank + settings["offset"],
+            world_size=settings["world_size"],
+            timeout=timedelta(minutes=settings["ddp_timeout"]),
+        )
+    settings["single_spec"] = False
+    settings["device"] = torch.device("cuda", local_rank) if on_gpus else torch.device("cpu")
+    if on_gpus:
+        torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the processes share the CPU's cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // nproc))
+    if local_rank != 0:  # as RecBole: the other processes only report errors
+        settings.update(state="error", show_progress=False, verbose=False)
 
 
 def is_distributed(config):

@@ -16,19 +16,28 @@ import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
-from recbole_llm.comparison import with_companions, write_comparison
-from recbole_llm.config import Config, restore_numpy_aliases, single_process
+from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.comparison import with_companions, write_comparison
+from recbole_llm.config import Config, cpu_budget, restore_numpy_aliases, single_process
 from recbole_llm.distributed import writes_files
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
 from recbole_llm.resume import read_resume_checkpoint, resume_file
+from recbole_llm.trainer import load_model_state
 from recbole_llm.utils import get_model, get_trainer
 
 
-def count_parameters(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+def build_model(config, dataset):
+    """The model of config['model'] on the training dataset, on its device. An LLM model's settings are checked
+    first, then its CF model is trained (and cached) when none is given: the model itself only loads it."""
+    model_class = get_model(config["model"])
+    if issubclass(model_class, LLMSequentialRecommender):
+        model_class.check_settings(config, dataset)  # before anything costly: the CF model, the LLM
+        if model_class.reads_cf_model(config) and not config["cf_checkpoint"]:
+            config["cf_checkpoint"] = trained_checkpoint(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    return model_class(config, dataset).to(config["device"])
 
 
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
@@ -42,14 +51,15 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
+    if cpu_budget(config):
+        logger.info(set_color("the default LLM on a CPU", "blue") + f": {cpu_budget(config)} (cpu_budget)")
     logger.info(config)
 
     dataset = create_dataset(config)
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = build_model(config, train_data._dataset)
     logger.info(model)
     trainable, total = count_parameters(model)
     logger.info(set_color("trainable parameters", "blue") + f": {trainable:,} of {total:,}")
@@ -101,7 +111,7 @@ def evaluate_collaborative_model(config, model, test_data):
         "best_valid_score": None,
         "valid_metric": config["valid_metric"],
         "test_result": test_result,
-        "trainable_parameters": sum(p.numel() for p in recommender.parameters()),
+        "trainable_parameters": count_parameters(recommender)[1],  # frozen here, trained before
         "train_time": None,
         "eval_time": time() - start,
     }
@@ -188,12 +198,6 @@ def load_data_and_model(model_file):
     init_logger(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    if isinstance(model, LLMSequentialRecommender):  # its checkpoint holds the trainable weights and the stage
-        model.set_stage(checkpoint["stage"])
-        model.load_checkpoint_state_dict(checkpoint["state_dict"])
-    else:
-        model.load_state_dict(checkpoint["state_dict"])
-        model.load_other_parameter(checkpoint.get("other_parameter"))
+    model = build_model(config, train_data._dataset)
+    load_model_state(model, checkpoint)
     return config, model, dataset, train_data, valid_data, test_data

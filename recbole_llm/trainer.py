@@ -1,6 +1,6 @@
 """Trainers: RecBole's, made to load checkpoints under torch >= 2.6, to write them atomically and to resume
-interrupted runs, and the LLMTrainer that trains LLM-based models stage by stage (RSLLMTrainer adds RSLLM's
-candidate evaluation)."""
+interrupted runs, and the LLMTrainer that trains every LLM-based model stage by stage; and how a checkpoint's
+weights go into a model, for the trainers and load_data_and_model alike."""
 
 import functools
 import math
@@ -16,12 +16,11 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from recbole_llm.candidate_evaluation import answers_candidates, evaluate_candidates
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
-from recbole_llm.distributed import (
-    DistributedTrainerMixin, LossModule, evaluated_samples, gather_in_sample_order, is_distributed, process_share,
-)
+from recbole_llm.distributed import DistributedTrainerMixin, LossModule, is_distributed
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
 from recbole_llm.resume import last_checkpoint_path, random_state, read_resume_checkpoint, restore_random_state
 
 
@@ -31,6 +30,23 @@ BATCH_SIZE_KEYS = {
     "eval": ("eval_batch_size", "evaluating"),
     "items": ("item_batch_size", "computing item embeddings"),
 }
+
+
+def load_model_state(model, checkpoint):
+    """A checkpoint's weights into its model: an LLM model's stage and trainable weights, a RecBole model's state."""
+    if isinstance(model, LLMSequentialRecommender):
+        model.set_stage(checkpoint["stage"])
+        model.load_checkpoint_state_dict(checkpoint["state_dict"])
+    else:
+        model.load_state_dict(checkpoint["state_dict"])
+        model.load_other_parameter(checkpoint.get("other_parameter"))
+
+
+def model_state(model):
+    """What a checkpoint holds of its model: load_model_state's inverse."""
+    if isinstance(model, LLMSequentialRecommender):
+        return {"stage": model.stage, "state_dict": model.checkpoint_state_dict()}
+    return {"state_dict": model.state_dict(), "other_parameter": model.other_parameter()}
 
 
 def advises_on_out_of_memory(phase):
@@ -60,15 +76,10 @@ class SafeCheckpointMixin:
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
             checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_checkpoint(checkpoint_file, self.device)
-            self.load_model_state(checkpoint)
+            load_model_state(self.model, load_checkpoint(checkpoint_file, self.device))
             getLogger().info(f"Loading model structure and parameters from {checkpoint_file}")
         with self._out_of_memory_advice("eval"):
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
-    def load_model_state(self, checkpoint):
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
 
     def resume_checkpoint(self, resume_file):
         checkpoint = read_resume_checkpoint(resume_file, self.config)
@@ -78,7 +89,7 @@ class SafeCheckpointMixin:
 
     def _restore_training_state(self, checkpoint):
         """Weights, optimizer, early-stopping counter and best so far; fit goes on after the checkpoint's epoch."""
-        self.load_model_state(checkpoint)
+        load_model_state(self.model, checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.start_epoch = self.epochs if checkpoint["finished"] else checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
@@ -135,13 +146,10 @@ class SafeCheckpointMixin:
             "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
             "best_model_file": self.saved_model_file,
-            **self.model_state(),
+            **model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "random_state": random_state(self._train_data),
         }
-
-    def model_state(self):
-        return {"state_dict": self.model.state_dict(), "other_parameter": self.model.other_parameter()}
 
     def _check_nan(self, loss):
         if not torch.isfinite(loss):
@@ -179,15 +187,17 @@ class LLMTrainer(Trainer):
     """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
-    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, and the model's stages, each with
-    validation and early stopping. The best checkpoint is the best over all stages; each stage starts from it.
+    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, the model's stages, each with
+    validation and early stopping, and (``candidate_eval``) LLaRA's candidate protocol on the test split. The best
+    checkpoint is the best over all stages; each stage starts from it.
     """
 
     def __init__(self, config, model):
-        self.grad_accum_steps = max(1, config["grad_accum_steps"] or 1)
-        self.warmup_ratio = config["warmup_ratio"] or 0.0
+        self.grad_accum_steps = config["grad_accum_steps"]
+        self.warmup_ratio = config["warmup_ratio"]
         self.train_batches_per_epoch = config["train_batches_per_epoch"]  # None: the whole training set
         self.stage = None
+        self.validating = False
         super().__init__(config, model)
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.scheduler = None
@@ -222,7 +232,7 @@ class LLMTrainer(Trainer):
         self.epochs = stage.epochs
         self.eval_step = min(self.config["eval_step"], self.epochs)
         self.start_epoch, self.cur_step = 0, 0
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trainable, _ = count_parameters(self.model)
         self.logger.info(set_color(f"stage '{stage.name}'", "green") + f": {stage.epochs} epochs, {trainable:,} trainable parameters")
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
@@ -329,6 +339,13 @@ class LLMTrainer(Trainer):
             f"effective batch of {size * self.grad_accum_steps}, or set gradient_checkpointing=True"
         )
 
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self.validating = True  # validation and early stopping read RecBole's metrics only
+        try:
+            return super()._valid_epoch(valid_data, show_progress)
+        finally:
+            self.validating = False
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
@@ -340,78 +357,14 @@ class LLMTrainer(Trainer):
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         if eval_data:
             self.model.end_evaluation()
+        if eval_data and self.config["candidate_eval"] and answers_candidates(self.model) and not self.validating:
+            with self._out_of_memory_advice("eval"):
+                result.update(evaluate_candidates(self.model, eval_data, self.config))
         return result
 
     def _load_best(self, checkpoint_file):
-        self.load_model_state(load_checkpoint(checkpoint_file, self.device))
+        load_model_state(self.model, load_checkpoint(checkpoint_file, self.device))
         self.logger.info(f"Loading trainable parameters of stage '{self.model.stage}' from {checkpoint_file}")
-
-    def load_model_state(self, checkpoint):
-        self.model.set_stage(checkpoint["stage"])
-        self.model.load_checkpoint_state_dict(checkpoint["state_dict"])
-
-    def model_state(self):
-        return {"stage": self.model.stage, "state_dict": self.model.checkpoint_state_dict()}
 
     def checkpoint_state(self, epoch, finished=False):
         return {**super().checkpoint_state(epoch, finished), "scheduler": self.scheduler.state_dict()}
-
-
-class LaserTrainer(LLMTrainer):
-    """Laser's two stages, run by the LLM trainer."""
-
-
-class RSLLMTrainer(LLMTrainer):
-    """LLMTrainer that, with ``candidate_eval``, also runs RSLLM's second evaluation on the test split: LLaRA's
-    candidate protocol, whose ``hr@1_candidates`` and ``valid_ratio`` join RecBole's metrics in the result."""
-
-    def __init__(self, config, model):
-        super().__init__(config, model)
-        self.validating = False
-
-    def _valid_epoch(self, valid_data, show_progress=False):
-        self.validating = True  # validation and early stopping read RecBole's metrics only
-        try:
-            return super()._valid_epoch(valid_data, show_progress)
-        finally:
-            self.validating = False
-
-    @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        result = super().evaluate(eval_data, load_best_model, model_file, show_progress)
-        if eval_data and self.config["candidate_eval"] and not self.validating:
-            with self._out_of_memory_advice("eval"):
-                result.update(self.candidate_evaluation(eval_data))
-        return result
-
-    def candidate_evaluation(self, eval_data):
-        """HR@1 and ValidRatio of the model's greedy answers, for n_candidate_users users of eval_data drawn with
-        the seed (all of them when None), each with n_candidates candidates drawn with the seed."""
-        model = self.model
-        fields = (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID)
-        columns = zip(*[[interaction[field] for field in fields] for interaction, *_ in eval_data])
-        item_seq, item_len, targets = (torch.cat(column) for column in columns)  # [N, L], [N], [N]
-        if is_distributed(self.config):  # every process draws from all users, as one process does
-            samples = evaluated_samples(eval_data)
-            item_seq, item_len, targets = gather_in_sample_order(samples, [item_seq, item_len, targets])
-        generator = torch.Generator().manual_seed(self.config["seed"])
-        users = torch.randperm(len(targets), generator=generator)[: self.config["n_candidate_users"] or len(targets)]
-        item_seq, item_len, targets = item_seq[users], item_len[users], targets[users]
-        candidates, target_index = sample_candidates(
-            item_seq, targets, model.n_items, self.config["n_candidates"], generator
-        )  # [n, C], [n]
-        answers, answered = [], process_share(len(users), self.config)  # each process answers its share of users
-        for rows in answered.split(self.config["eval_batch_size"]):
-            answers += model.answer_candidates(
-                item_seq[rows].to(self.device), item_len[rows].to(self.device), candidates[rows].to(self.device)
-            )
-        if is_distributed(self.config):
-            answers = gather_in_sample_order(answered, [answers])[0]
-        candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
-        metrics = candidate_metrics(named_candidates(answers, candidate_names), target_index)
-        self.logger.info(
-            set_color("candidate evaluation", "blue") + f" ({len(users)} users, {self.config['n_candidates']} "
-            f"candidates, greedy answers; e.g. target {candidate_names[0][target_index[0]]!r}, answer {answers[0]!r}): "
-            + ", ".join(f"{key}: {value:.4f}" for key, value in metrics.items())
-        )
-        return metrics

@@ -1,4 +1,5 @@
-"""Model and trainer lookup: the plugin first, then RecBole (as RecBole-GNN does)."""
+"""Model and trainer lookup: the plugin first, then RecBole (as RecBole-GNN does); every LLM-based model trains with
+the LLMTrainer."""
 
 import importlib
 import os
@@ -6,10 +7,13 @@ from functools import cache
 
 import torch
 
+from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_llm.distributed import DistributedTrainerMixin
 from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.trainer import LLMTrainer, SafeCheckpointMixin, Trainer
 
 _PLUGIN_MODEL_KINDS = ["sequential_recommender"]
 _RECBOLE_MODEL_KINDS = [
@@ -69,20 +73,17 @@ def get_model(model_name):
 
 
 def get_trainer(model_type, model_name):
-    """``<Model>Trainer`` from recbole_llm.trainer, else RecBole's trainer made to load checkpoints safely and to run
-    in several processes."""
-    trainers = importlib.import_module("recbole_llm.trainer")
-    plugin_trainer = getattr(trainers, model_name + "Trainer", None)
-    if plugin_trainer is not None:
-        return plugin_trainer
+    """The LLMTrainer for an LLMSequentialRecommender, else RecBole's trainer made to load checkpoints safely and to
+    run in several processes."""
+    if issubclass(get_model(model_name), LLMSequentialRecommender):
+        return LLMTrainer
     return _with_safe_loading(recbole_get_trainer(model_type, model_name))
 
 
 @cache
 def _with_safe_loading(trainer_class):
-    trainers = importlib.import_module("recbole_llm.trainer")
-    if trainer_class is trainers.RecBoleTrainer:
-        return trainers.Trainer
-    if issubclass(trainer_class, trainers.SafeCheckpointMixin):
+    if trainer_class is RecBoleTrainer:
+        return Trainer
+    if issubclass(trainer_class, SafeCheckpointMixin):
         return trainer_class
-    return type(trainer_class.__name__, (DistributedTrainerMixin, trainers.SafeCheckpointMixin, trainer_class), {})
+    return type(trainer_class.__name__, (DistributedTrainerMixin, SafeCheckpointMixin, trainer_class), {})

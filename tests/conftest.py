@@ -1,14 +1,61 @@
-"""Shared test settings: the tiny real dataset (300 ml-100k users with titles) and small, fast model sizes."""
+"""Shared test settings and fixtures: the tiny real dataset (300 ml-100k users with titles), small and fast model
+sizes, a working directory per test module, one tiny CF model for the session, and models built as a run builds
+them."""
 
 import logging
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_seed
+
+from recbole_llm.cf_training import trained_checkpoint
+from recbole_llm.config import Config
+from recbole_llm.quick_start import build_model
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_DATASET = "ml-100k-tiny"
+
+# A CF model small enough to train in seconds: one block of width 32.
+TINY_CF = {"epochs": 1, "hidden_size": 32, "inner_size": 64, "n_layers": 1, "train_batch_size": 2048}
+LASER_SIZES = {
+    "llm_path": "tiny-llama",
+    "max_prompt_items": 3,
+    "max_item_tokens": 12,
+    "n_experts": 3,
+    "n_query": 4,
+    "mformer_hidden": 32,
+    "mformer_heads": 4,
+    "n_mformer_layers": 2,
+    "train_batch_size": 8,
+    "train_batches_per_epoch": 2,
+    "eval_batch_size": 300,
+    "item_batch_size": 431,
+    "stage1_epochs": 1,
+    "stage2_epochs": 1,
+    "cf_model": "SASRec",
+    "cf_config": TINY_CF,
+}
+RSLLM_SIZES = {
+    "llm_path": "tiny-llama",
+    "lora_r": 4,
+    "lora_dropout": 0.0,
+    "max_prompt_items": 3,
+    "max_item_tokens": 8,
+    "train_batch_size": 8,
+    "train_batches_per_epoch": 2,
+    "eval_batch_size": 64,
+    "item_batch_size": 256,
+    "stage1_epochs": 1,
+    "stage2_epochs": 1,
+    "n_candidates": 5,
+    "n_candidate_users": 16,
+    "cf_config": TINY_CF,
+}
+SIZES = {"Laser": LASER_SIZES, "RSLLM": RSLLM_SIZES}
 
 
 def tiny_config(tmp_path, **overrides):
@@ -16,6 +63,8 @@ def tiny_config(tmp_path, **overrides):
     config = {
         "data_path": os.path.join(TESTS_DIR, "data"),
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"]},
+        "item_text_fields": ["movie_title", "release_year"],  # ml-100k's item text (properties/dataset/ml-100k.yaml)
+        "item_text_template": "{movie_title} ({release_year})",
         "MAX_ITEM_LIST_LENGTH": 10,
         "epochs": 1,
         "train_batch_size": 256,
@@ -31,6 +80,32 @@ def tiny_config(tmp_path, **overrides):
     return config
 
 
+@dataclass
+class TinyRun:
+    """An LLM model's tiny settings and data loaders; `build` makes the model as a run does (settings checked, its
+    CF model trained into the checkpoint folder when none is given)."""
+
+    config_dict: dict
+    config: Config
+    train_data: object
+    valid_data: object
+    test_data: object
+
+    def build(self, **overrides):
+        config = self.config
+        if overrides:
+            config = Config(model=config["model"], dataset=TINY_DATASET, config_dict={**self.config_dict, **overrides})
+        return build_model(config, self.train_data._dataset)
+
+
+def tiny_run(model, checkpoint_root, **settings):
+    """A TinyRun of `model` with its tiny sizes and `settings` on top, writing under checkpoint_root."""
+    config_dict = tiny_config(checkpoint_root, **{**SIZES[model], **settings})
+    config = Config(model=model, dataset=TINY_DATASET, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    return TinyRun(config_dict, config, *data_preparation(config, create_dataset(config)))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_outputs(tmp_path, monkeypatch):
     """RecBole writes log/ and log_tensorboard/ into the working directory: keep them out of the repository."""
@@ -41,7 +116,7 @@ def _isolated_outputs(tmp_path, monkeypatch):
 
 @contextmanager
 def module_workdir(tmp_path_factory, name):
-    """A working directory for a test module's shared fixtures, run single-threaded.
+    """A working directory for shared fixtures, run single-threaded.
 
     RecBole's trainers write log_tensorboard/ into the working directory; on tiny tensors torch's thread hand-offs
     cost more than they save, several times over on a busy machine.
@@ -55,3 +130,30 @@ def module_workdir(tmp_path_factory, name):
             yield path
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    """The test module's working directory for its shared fixtures (see module_workdir)."""
+    with module_workdir(tmp_path_factory, request.module.__name__.removeprefix("test_")) as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny(workdir, cf_checkpoint, request):
+    """The TinyRun of the test module's MODEL, on the session's tiny SASRec."""
+    return tiny_run(request.module.MODEL, workdir, cf_checkpoint=cf_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    """A training batch of the module's TinyRun."""
+    return next(iter(tiny.train_data))
+
+
+@pytest.fixture(scope="session")
+def cf_checkpoint(tmp_path_factory):
+    """One tiny SASRec of ml-100k-tiny (hidden size 32), written by the plugin's trainer, for the session."""
+    with module_workdir(tmp_path_factory, "cf") as path:
+        run = tiny_run("Laser", path)
+        return trained_checkpoint(run.config, run.train_data._dataset)

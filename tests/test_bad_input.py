@@ -15,34 +15,16 @@ import sys
 import pytest
 import torch
 import yaml
-from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender.sasrec import SASRec
 from transformers import BertConfig, GPT2Config
 
-from conftest import TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
+from conftest import SIZES, TESTS_DIR, TINY_DATASET, tiny_config, tiny_run
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
-from recbole_llm.config import Config
 from recbole_llm.llm.backbone import RANDOM_CONFIGS, clear_llm_cache
-from recbole_llm.model.collaborative import trained_checkpoint
 from recbole_llm.model.sequential_recommender.laser import REFRESHED_ITEMS, Laser
 from run_recbole_llm import main
-from test_laser import LASER_SIZES
-from test_rsllm import RSLLM_SIZES
 
-SIZES = {"Laser": LASER_SIZES, "RSLLM": RSLLM_SIZES, "SASRec": {}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "bad_input") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def cf_checkpoint(workdir):
-    """A tiny SASRec of ml-100k-tiny, hidden size 32, written by the plugin's trainer."""
-    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(workdir, **LASER_SIZES))
-    return trained_checkpoint(config, data_preparation(config, create_dataset(config))[0]._dataset)
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
 @pytest.fixture
@@ -81,8 +63,7 @@ def no_llm(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the LLM was loaded before the error was found")
 
-    for model in ("laser", "rsllm"):
-        monkeypatch.setattr(f"recbole_llm.model.sequential_recommender.{model}.load_llm", refuse)
+    monkeypatch.setattr("recbole_llm.llm.backbone.load_llm", refuse)
 
 
 def snapshot(folder):
@@ -174,12 +155,19 @@ def test_sizes_that_must_be_positive(cli, model, setting, fragment):
 
 
 @pytest.mark.usefixtures("no_llm")
+@pytest.mark.parametrize("model", ["Laser", "RSLLM"])
+def test_a_bad_setting_fails_before_the_cf_model_trains(cli, tmp_path, model):
+    assert "stage1_epochs is -1" in cli(model=model, cf_checkpoint=None, stage1_epochs=-1)
+    assert not list((tmp_path / "saved").glob("cf-*"))
+
+
+@pytest.mark.usefixtures("no_llm")
 @pytest.mark.parametrize(
     "model, setting, fragment",
     [
         ("RSLLM", {"prompt_template": "This user has watched. Predict the next movie:"}, "must contain {history}"),
         ("RSLLM", {"candidate_prompt_template": "Watched{history}. Pick one:"}, "must contain {history} then {candidates}"),
-        ("Laser", {"prompt_item_marker": " >> item"}, "prompt_item_marker ' >> item' has no {index}"),
+        ("Laser", {"prompt_item_marker": " >> item"}, "prompt_item_marker is ' >> item': it must hold {index} once"),
         ("Laser", {"item_text_template": "a movie"}, "item_text_template 'a movie' has no placeholder"),
     ],
 )
@@ -276,11 +264,8 @@ def gpt2_with_positions(monkeypatch):
 
 
 def laser_on_tiny_gpt2(cf_checkpoint, tmp_path):
-    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(
-        tmp_path, **{**LASER_SIZES, "llm_path": "tiny-gpt2", "cf_checkpoint": cf_checkpoint}
-    ))
-    train_data = data_preparation(config, create_dataset(config))[0]
-    return Laser(config, train_data._dataset), train_data
+    run = tiny_run("Laser", tmp_path, llm_path="tiny-gpt2", cf_checkpoint=cf_checkpoint)
+    return run.build(), run.train_data
 
 
 def test_histories_longer_than_the_context_lose_their_oldest_items_with_one_warning(
@@ -288,7 +273,7 @@ def test_histories_longer_than_the_context_lose_their_oldest_items_with_one_warn
 ):
     gpt2_with_positions(2048)
     longest = laser_on_tiny_gpt2(cf_checkpoint, tmp_path)[0].user_prompt.longest_prompt_lengths().tolist()
-    assert len(longest) == LASER_SIZES["max_prompt_items"] == 3
+    assert len(longest) == SIZES["Laser"]["max_prompt_items"] == 3
     gpt2_with_positions(longest[1])  # room for two items at their longest, not three
     with caplog.at_level(logging.WARNING):
         model, train_data = laser_on_tiny_gpt2(cf_checkpoint, tmp_path)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from benchmarks import cost, quality
-from benchmarks.profile import load_profile
+from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import TESTS_DIR, module_workdir
 from recbole_llm.errors import RecBoleLLMError
@@ -91,7 +91,7 @@ def test_update_readme_writes_the_pages_between_the_markers(out, tmp_path):
     assert text.startswith("# Title\n\n## Results\n\n") and text.endswith(f"{END}\n\n## Next\n") and "old" not in text
     assert "### Quality: ml-100k-tiny" in text and "### Cost: ml-100k-tiny" in text and "**Machine**" in text
     assert f"]({os.path.relpath(out, tmp_path)}/cost-smoke.png)" in text and "llm_path: tiny-llama" not in text  # figure; no profile
-    assert "`python benchmarks/cost.py --profile=gpu`" in text  # a page not written yet says how to write it
+    assert "`python -m benchmarks.cost --profile=gpu`" in text  # a page not written yet says how to write it
 
     readme.write_text("# Title without markers\n")
     with pytest.raises(RecBoleLLMError, match="marker"):

@@ -1,4 +1,5 @@
-"""The frozen collaborative encoder on the tiny ml-100k copy: train-and-cache, RecBole parity, freezing, refusals."""
+"""The frozen CF model on the tiny ml-100k copy: the run's train-and-cache (recbole_llm.cf_training), and the encoder
+that loads it (RecBole parity, freezing, refusals)."""
 
 import logging
 import os
@@ -17,41 +18,32 @@ from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
-from conftest import module_workdir
+from conftest import TESTS_DIR, TINY_CF, TINY_DATASET, tiny_config
+from recbole_llm.cf_training import cached_checkpoint_path, cf_training_config, trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.model.collaborative import (
-    CollaborativeEncoder, cached_checkpoint_path, cf_training_config, item_id_fingerprint,
-)
+from recbole_llm.model.collaborative import CollaborativeEncoder, item_id_fingerprint
 
-DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-SETTINGS = {
-    "load_col": {
-        "inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "movie_title", "release_year", "class"],
-    },
-    "MAX_ITEM_LIST_LENGTH": 20, "epochs": 1, "show_progress": False, "hidden_size": 32, "inner_size": 64,
-    "train_batch_size": 512,
-}
-TINY_CF = {"hidden_size": 32, "inner_size": 64, "n_layers": 1}
+DATA_PATH = os.path.join(TESTS_DIR, "data")
 
 
-def make_config(checkpoint_dir, model="SASRec", dataset="ml-100k-tiny", data_path=DATA_PATH, **cf_settings):
-    """A config of an existing model carrying the cf_* keys, as an LLM model's config would."""
-    cf_settings = {"cf_model": "SASRec", "cf_checkpoint": None, "cf_config": TINY_CF, **cf_settings}
-    config_dict = {**SETTINGS, "data_path": data_path, "checkpoint_dir": str(checkpoint_dir), **cf_settings}
-    return Config(model=model, dataset=dataset, config_dict=config_dict)
+def make_config(checkpoint_root, model="Laser", dataset=TINY_DATASET, data_path=DATA_PATH, **settings):
+    """An LLM model's config on the tiny data with a tiny CF model (the llm_path is never loaded here)."""
+    config_dict = tiny_config(checkpoint_root, MAX_ITEM_LIST_LENGTH=20, data_path=data_path, cf_config=TINY_CF)
+    return Config(model=model, dataset=dataset, config_dict={**config_dict, **settings})
+
+
+def cached_encoder(config, dataset):
+    """The encoder of the cached CF model the run trains (on first use) for a config without a cf_checkpoint."""
+    if not config["cf_checkpoint"]:
+        config["cf_checkpoint"] = trained_checkpoint(config, dataset)
+    return CollaborativeEncoder(config, dataset)
 
 
 def save_recbole_checkpoint(config, model, path):
     """What RecBole's trainer writes: the pickled Config and the weights, pickle protocol 4."""
     torch.save({"config": config, "state_dict": model.state_dict()}, path, pickle_protocol=4)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "collaborative") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +54,15 @@ def tiny(workdir):
 
 
 @pytest.fixture(scope="module")
-def sasrec(tiny):
-    config, dataset, _ = tiny
-    return CollaborativeEncoder(config, dataset)
+def sasrec(tiny, workdir):
+    _, dataset, _ = tiny
+    return cached_encoder(make_config(workdir), dataset)
 
 
 @pytest.fixture(scope="module")
 def bert4rec(workdir, tiny):
     _, dataset, _ = tiny
-    return CollaborativeEncoder(make_config(workdir, cf_model="BERT4Rec"), dataset)
+    return cached_encoder(make_config(workdir, cf_model="BERT4Rec"), dataset)
 
 
 def recbole_model(encoder, dataset):
@@ -91,10 +83,10 @@ def assert_refused(config, dataset, *fragments):
 
 
 def test_trains_once_then_reuses_the_cached_checkpoint(workdir, tiny, sasrec, monkeypatch, caplog):
-    config, dataset, _ = tiny
-    assert os.path.dirname(sasrec.checkpoint_path) == str(workdir)
+    _, dataset, _ = tiny
+    assert os.path.dirname(sasrec.checkpoint_path) == str(workdir / "saved")
     assert os.path.basename(sasrec.checkpoint_path).startswith("cf-SASRec-ml-100k-tiny-")
-    assert not [name for name in os.listdir(workdir) if name.endswith(".partial")]
+    assert not [name for name in os.listdir(workdir / "saved") if name.endswith(".partial")]
     assert load_checkpoint(sasrec.checkpoint_path)["item_id_fingerprint"] == item_id_fingerprint(dataset)
     assert (sasrec.n_items, sasrec.hidden_size) == (dataset.item_num, 32)
 
@@ -104,7 +96,7 @@ def test_trains_once_then_reuses_the_cached_checkpoint(workdir, tiny, sasrec, mo
     monkeypatch.setattr(recbole.trainer.Trainer, "fit", no_training)
     monkeypatch.setattr(sys, "argv", ["run_recbole_llm.py", "--learning_rate=0.5", "--hidden_size=8"])  # for the LLM
     caplog.set_level(logging.INFO)
-    again = CollaborativeEncoder(config, dataset)
+    again = cached_encoder(make_config(workdir), dataset)
     assert again.checkpoint_path == sasrec.checkpoint_path
     assert "reusing" in caplog.text
     assert torch.equal(again.item_embeddings, sasrec.item_embeddings)
@@ -117,10 +109,21 @@ def test_cache_key_follows_the_cf_settings_not_the_llm_ones(workdir, tiny, sasre
         return cached_checkpoint_path(cf_training_config(make_config(workdir, **settings)), dataset)
 
     assert cache_path() == sasrec.checkpoint_path
-    assert cache_path(learning_rate=0.5, hidden_dropout_prob=0.1) == sasrec.checkpoint_path  # the LLM model's own
+    # the LLM model's own training settings
+    assert cache_path(learning_rate=0.5, hidden_dropout_prob=0.1, stopping_step=10, seed=7) == sasrec.checkpoint_path
+    assert cache_path(model="RSLLM") == sasrec.checkpoint_path  # both models share one CF model
     assert cache_path(cf_config={**TINY_CF, "n_layers": 2}) != sasrec.checkpoint_path
-    assert cache_path(MAX_ITEM_LIST_LENGTH=10) != sasrec.checkpoint_path
-    assert cache_path(seed=7) != sasrec.checkpoint_path
+    assert cache_path(cf_config={**TINY_CF, "seed": 7}) != sasrec.checkpoint_path
+    assert cache_path(MAX_ITEM_LIST_LENGTH=10) != sasrec.checkpoint_path  # the data
+
+
+def test_the_cf_model_trains_with_its_own_defaults_and_cf_config(workdir):
+    llm_config = make_config(workdir, stopping_step=10, learning_rate=0.5, cf_config={**TINY_CF, "stopping_step": 2})
+    cf_config = cf_training_config(llm_config)
+    sasrec_defaults = Config(model="SASRec", dataset=TINY_DATASET, config_dict={"data_path": DATA_PATH})
+    assert cf_config["model"] == "SASRec" and cf_config["stopping_step"] == 2 and cf_config["epochs"] == 1
+    assert cf_config["learning_rate"] == sasrec_defaults["learning_rate"] != 0.5
+    assert cf_config["MAX_ITEM_LIST_LENGTH"] == 20 and cf_config["eval_args"] == llm_config["eval_args"]
 
 
 def test_sasrec_states_match_recboles_forward(tiny, sasrec):
@@ -173,8 +176,9 @@ def test_encoder_is_frozen(tiny, sasrec):
     assert not sasrec.item_embeddings.requires_grad
 
 
-def test_construction_leaves_the_random_state_alone(tiny, sasrec):
-    config, dataset, _ = tiny
+def test_construction_leaves_the_random_state_alone(workdir, tiny, sasrec):
+    _, dataset, _ = tiny
+    config = make_config(workdir, cf_checkpoint=sasrec.checkpoint_path)
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
     expected = torch.rand(3), np.random.rand(3), random.random()
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
@@ -189,7 +193,7 @@ def test_refuses_a_checkpoint_of_another_dataset(workdir, tiny):
     folder.mkdir(parents=True)
     inter = pd.read_csv(os.path.join(DATA_PATH, "ml-100k-tiny", "ml-100k-tiny.inter"), sep="\t", dtype=str)
     inter[inter["user_id:token"].astype(int) <= 100].to_csv(folder / "ml-100k-small.inter", sep="\t", index=False)
-    small_config = make_config(workdir, dataset="ml-100k-small", data_path=str(workdir / "data"))
+    small_config = make_config(workdir, model="SASRec", dataset="ml-100k-small", data_path=str(workdir / "data"))
     small_dataset = create_dataset(small_config)
     path = str(workdir / "small.pth")
     save_recbole_checkpoint(small_config, SASRec(small_config, small_dataset), path)
@@ -224,14 +228,15 @@ def test_refuses_a_missing_file_another_model_and_another_hidden_size(workdir, t
     assert_refused(make_config(workdir, cf_checkpoint=bert4rec.checkpoint_path), dataset, "cf_model=BERT4Rec")
     wider = make_config(workdir, cf_checkpoint=sasrec.checkpoint_path, cf_hidden_size=64)
     assert_refused(wider, dataset, "hidden size 32", "cf_hidden_size is 64")
-    assert_refused(make_config(workdir, cf_model="GRU4Rec"), dataset, "cf_model must be SASRec or BERT4Rec")
+    assert_refused(make_config(workdir, cf_model="GRU4Rec"), dataset, "cf_model is 'GRU4Rec': use SASRec or BERT4Rec")
+    assert_refused(make_config(workdir), dataset, "cf_checkpoint is not set", "build_model")
 
 
 def test_loads_a_checkpoint_written_by_recboles_stock_trainer(workdir, tiny, monkeypatch):
     _, dataset, batch = tiny
     monkeypatch.setattr(sys, "argv", ["pytest"])
-    stock_config = RecBoleConfig(model="SASRec", dataset="ml-100k-tiny", config_dict={
-        **SETTINGS, "data_path": DATA_PATH, "checkpoint_dir": str(workdir / "stock"), "train_neg_sample_args": None,
+    stock_config = RecBoleConfig(model="SASRec", dataset=TINY_DATASET, config_dict={
+        **tiny_config(workdir / "stock", MAX_ITEM_LIST_LENGTH=20), "train_neg_sample_args": None,
     })
     model = SASRec(stock_config, dataset)
     trainer = recbole.trainer.Trainer(stock_config, model)

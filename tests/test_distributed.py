@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import TINY_DATASET, module_workdir, tiny_config
+import run_recbole_llm
+from conftest import LASER_SIZES, RSLLM_SIZES, TINY_DATASET, module_workdir, tiny_config
 from recbole_llm import quick_start
 from recbole_llm.config import Config
 from recbole_llm.distributed import gather_in_sample_order
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import load_data_and_model, run
 from recbole_llm.utils import get_trainer
-import run_recbole_llm
-from test_laser import LASER_SIZES
-from test_rsllm import RSLLM_SIZES
 
 MODELS = ["SASRec", "Laser", "RSLLM"]
 SIZES = {

@@ -11,10 +11,13 @@ import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 
+from recbole.utils import ModelType
+
 from conftest import TINY_DATASET, tiny_config
-from recbole_llm.config import Config
+from recbole_llm.config import Config, cpu_budget
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm, run_recbole_llms
+from recbole_llm.trainer import LLMTrainer
 from recbole_llm.utils import get_model, get_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +82,25 @@ def test_model_lookup_plugin_first_then_recbole():
     assert get_model("SASRec") is SASRec
     with pytest.raises(RecBoleLLMError, match="unknown model 'Nope'.*sasrec"):
         get_model("Nope")
+
+
+def test_every_llm_model_trains_with_the_llm_trainer():
+    assert get_trainer(ModelType.SEQUENTIAL, "Laser") is LLMTrainer is get_trainer(ModelType.SEQUENTIAL, "RSLLM")
+    assert not issubclass(get_trainer(ModelType.SEQUENTIAL, "SASRec"), LLMTrainer)
+
+
+@pytest.mark.parametrize(
+    "settings, llm_layers",
+    [
+        ({}, 10),  # the default LLM on this CPU: its budget
+        ({"llm_layers": None}, None),  # set by the user, even to the default
+        ({"llm_path": "tiny-llama"}, None),  # an LLM the user names runs whole
+    ],
+)
+def test_the_cpu_budget_applies_to_the_default_llm_only_where_the_user_set_nothing(tmp_path, settings, llm_layers):
+    config = Config(model="RSLLM", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
+    assert config["llm_layers"] == llm_layers
+    assert cpu_budget(config) == ({"llm_layers": 10} if llm_layers else {})
 
 
 def test_numpy2_aliases_make_recbole_metrics_work(tmp_path):

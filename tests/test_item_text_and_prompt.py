@@ -8,10 +8,11 @@ import torch
 from recbole.data import create_dataset, data_preparation
 from torch import nn
 
+from conftest import TINY_DATASET, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.llm.item_text import ItemTextTable, item_texts, item_texts_from_config
+from recbole_llm.llm.item_text import ItemTextTable, item_texts, item_texts_from_config, text_settings
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 
 HEAD = "You are a recommendation assistant. In chronological order, the user has watched the following movies:"
@@ -26,19 +27,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def dataset_and_batch():
-    config = Config(
-        model="SASRec",
-        dataset="ml-100k-tiny",
-        config_dict={
-            "data_path": "tests/data",
-            "load_col": {
-                "inter": ["user_id", "item_id", "timestamp"],
-                "item": ["item_id", "movie_title", "release_year", "class"],
-            },
-            "MAX_ITEM_LIST_LENGTH": 20,
-        },
-    )
+def dataset_and_batch(tmp_path_factory):
+    settings = tiny_config(tmp_path_factory.mktemp("item_text"), MAX_ITEM_LIST_LENGTH=20, max_item_tokens=24)
+    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=settings)
     dataset = create_dataset(config)
     train, _, _ = data_preparation(config, dataset)
     return config, dataset, next(iter(train))
@@ -156,6 +147,17 @@ def test_template_must_use_the_fields(dataset_and_batch, tokenizer, template):
         item_texts(dataset_and_batch[1], ["movie_title"], template)
 
 
+def test_without_a_template_the_fields_are_joined_and_a_title_is_the_first_field(dataset_and_batch):
+    config, dataset, _ = dataset_and_batch
+    fields = {"item_text_fields": ["movie_title", "release_year"], "item_text_template": None}
+    assert text_settings(fields) == (["movie_title", "release_year"], "{movie_title} {release_year}")
+    assert text_settings(config, title_only=True) == (["movie_title"], "{movie_title}")
+    toy_story = dataset.token2id("item_id", "1")
+    assert item_texts_from_config(config, dataset, title_only=True)[toy_story] == "Toy Story"
+    with pytest.raises(RecBoleLLMError, match="item_text_fields is not set"):
+        text_settings({"item_text_fields": None})
+
+
 # --- prompt text and padding -------------------------------------------------------------------------------------
 
 
@@ -199,14 +201,6 @@ def test_long_histories_keep_the_most_recent_items(item_text, tokenizer, histori
         assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, recent))
 
 
-def test_items_by_text_length_are_a_permutation_of_rising_length(item_text, tokenizer):
-    items = torch.arange(1, len(item_text.texts))
-    ordered = make_assembler(item_text, tokenizer).by_text_length(items)
-    assert sorted(ordered.tolist()) == items.tolist()
-    lengths = item_text.lengths[ordered]
-    assert (lengths[1:] >= lengths[:-1]).all() and lengths[0] < lengths[-1]
-
-
 def test_an_item_alone_is_a_one_item_history(item_text, tokenizer, embed):
     assembler = make_assembler(item_text, tokenizer)
     items = torch.tensor([1, 2, 3])
@@ -238,11 +232,6 @@ def test_prompts_are_cut_to_the_context_with_what_follows_them(item_text, tokeni
     ]
     with pytest.raises(RecBoleLLMError, match=f"a prompt of one history item can reach {longest[0] + 10} tokens"):
         fit_to_context(pair, context_length=longest[0] + 9, llm_name="an LLM", reserved_tokens=10)
-
-
-def test_marker_needs_an_index(item_text, tokenizer):
-    with pytest.raises(RecBoleLLMError, match="index"):
-        PromptAssembler(item_text, tokenizer, HEAD, " >> item", "", TAIL, 5)
 
 
 # --- learned vectors ---------------------------------------------------------------------------------------------

@@ -3,88 +3,38 @@ scoring, and end-to-end runs of Laser and of each of the paper's ablation switch
 
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
 
-from conftest import module_workdir, tiny_config
+from conftest import TINY_DATASET
+from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.model.collaborative import trained_checkpoint
 from recbole_llm.model.layers import MFormer, MFormerBlock, Routing
 from recbole_llm.model.sequential_recommender.laser import FROZEN_ITEMS, REFRESHED_ITEMS, Laser
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
+from recbole_llm.trainer import LLMTrainer, load_model_state
 from recbole_llm.utils import get_trainer
-from recbole_llm.trainer import LaserTrainer
 
-LASER_SIZES = {
-    "llm_path": "tiny-llama",
-    "llm_layers": None,  # all of its 2 layers
-    "max_prompt_items": 3,
-    "max_item_tokens": 12,
-    "n_experts": 3,
-    "n_query": 4,
-    "mformer_hidden": 32,
-    "mformer_heads": 4,
-    "n_mformer_layers": 2,
-    "train_batch_size": 8,
-    "train_batches_per_epoch": 2,
-    "eval_batch_size": 300,
-    "item_batch_size": 431,
-    "stage1_epochs": 1,
-    "stage2_epochs": 1,
-    "cf_model": "SASRec",
-    "cf_config": {"epochs": 1, "hidden_size": 32, "inner_size": 64, "n_layers": 1, "train_batch_size": 2048},
-}
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
-def laser_config(checkpoint_root, **overrides):
-    config_dict = tiny_config(checkpoint_root, **{**LASER_SIZES, **overrides})
-    return Config(model="Laser", dataset="ml-100k-tiny", config_dict=config_dict)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "laser") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def tiny(workdir):
-    """Config, training dataset and data loaders; the CF models are trained once into workdir and reused."""
-    config = laser_config(workdir)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return config, train_data, valid_data, test_data
-
-
-def build_laser(tiny, **overrides):
-    config, train_data, _, _ = tiny
-    if overrides:
-        config = laser_config(Path(config["checkpoint_dir"]).parent, **overrides)
-    init_seed(config["seed"], config["reproducibility"])
-    return Laser(config, train_data._dataset)
+MODEL = "Laser"  # of the tiny and batch fixtures
 
 
 @pytest.fixture(scope="module")
 def laser(tiny):
-    return build_laser(tiny)
+    return tiny.build()
 
 
-@pytest.fixture(scope="module")
-def batch(tiny):
-    return next(iter(tiny[1]))
-
-
-def cf_checkpoint(tiny, cf_model):
-    """The cached CF checkpoint of workdir for cf_model (trained on first use)."""
-    config, train_data, _, _ = tiny
-    cf_config = laser_config(Path(config["checkpoint_dir"]).parent, cf_model=cf_model)
-    return trained_checkpoint(cf_config, train_data._dataset)
+def cf_checkpoint_of(tiny, cf_model):
+    """The session's SASRec, or a CF model of another kind trained into the module's folder on first use."""
+    if cf_model == tiny.config["cf_model"]:
+        return tiny.config["cf_checkpoint"]
+    config = Config(model="Laser", dataset=TINY_DATASET, config_dict={**tiny.config_dict, "cf_model": cf_model})
+    return trained_checkpoint(config, tiny.train_data._dataset)
 
 
 def trainable_state(model):
@@ -182,15 +132,16 @@ def test_load_balancing_term_on_a_hand_made_example():
         ({"n_experts": 0, "router_top_k": 1}, "n_experts is 0"),
         ({"router_top_k": 4}, "router_top_k is 4"),
         ({"router_top_k": 0}, "router_top_k is 0"),
-        ({"mformer_hidden": 30}, "not divisible by mformer_heads"),
-        ({"prompt_item_marker": " >> item:"}, "has no {index}"),
+        ({"mformer_hidden": 30}, "mformer_hidden is 30: it must be divisible by mformer_heads (4)"),
+        ({"prompt_item_marker": " >> item:"}, "prompt_item_marker is ' >> item:': it must hold {index} once"),
         ({"prefix_mode": "qformer"}, "prefix_mode is 'qformer'"),
+        ({"stage2_epochs": -1}, "stage2_epochs is -1"),
         ({"llm_layers": 3}, "llm_layers is 3: tiny-llama has 2 layers"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tiny, setting, message):
     with pytest.raises(RecBoleLLMError) as caught:
-        build_laser(tiny, **setting)
+        tiny.build(**setting)
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -240,7 +191,7 @@ def test_user_embedding_is_the_llm_output_at_the_suffix(laser, batch):
 
 
 def test_llm_layers_reads_an_earlier_layer_and_leaves_the_shared_llm_whole(tiny, batch):
-    first_layer = build_laser(tiny, llm_layers=1).eval()
+    first_layer = tiny.build(llm_layers=1).eval()
     decoder = first_layer.llm.transformer()
     assert len(decoder.layers) == 2  # the cached LLM keeps its layers
     item_seq, item_len = batch[first_layer.ITEM_SEQ], batch[first_layer.ITEM_SEQ_LEN]
@@ -282,7 +233,7 @@ def test_full_sort_predict_agrees_with_predict(laser, batch):
 
 
 def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_through_the_frozen_llm(tiny):
-    model = build_laser(tiny)
+    model = tiny.build()
     llm_before = {k: v.clone() for k, v in model.llm.model.state_dict().items()}
     cf_before = {k: v.clone() for k, v in model.cf_encoder.state_dict().items()}
     trainable_before = trainable_state(model)
@@ -293,7 +244,7 @@ def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_throu
     model.train()
     model.begin_epoch(0)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step, interaction in zip(range(3), tiny[1]):
+    for step, interaction in zip(range(3), tiny.train_data):
         optimizer.zero_grad()
         next_item_loss, balance_loss = model.calculate_loss(interaction)
         (next_item_loss + balance_loss).backward()
@@ -309,7 +260,7 @@ def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_throu
 
 def test_trainable_share_is_logged(tiny, caplog):
     with caplog.at_level(logging.INFO):
-        model = build_laser(tiny)
+        model = tiny.build()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"Laser trains {trainable:,} parameters" in caplog.text and "of the LLM's" in caplog.text
 
@@ -333,8 +284,7 @@ def record_item_matrix_calls(model, monkeypatch):
 
 
 def test_item_matrix_is_computed_once_per_stage1_epoch_and_evaluation_and_never_in_stage2(tiny, monkeypatch, caplog):
-    config, train_data, valid_data, test_data = tiny
-    model = build_laser(tiny, stage1_epochs=2, stage2_epochs=2)
+    model = tiny.build(stage1_epochs=2, stage2_epochs=2)
     events = record_item_matrix_calls(model, monkeypatch)
     matrix_is_the_best_weights = []
     begin_stage = model.begin_stage
@@ -346,9 +296,9 @@ def test_item_matrix_is_computed_once_per_stage1_epoch_and_evaluation_and_never_
             matrix_is_the_best_weights.append(torch.allclose(model.item_matrix, recomputed, atol=1e-5))
 
     monkeypatch.setattr(model, "begin_stage", begin_stage_and_check)
-    trainer = LaserTrainer(config, model)
+    trainer = LLMTrainer(model.config, model)
     with caplog.at_level(logging.INFO):
-        trainer.fit(train_data, valid_data, saved=True)
+        trainer.fit(tiny.train_data, tiny.valid_data, saved=True)
     compute = "compute_item_matrix"
     stage1 = [
         f"begin_epoch:{REFRESHED_ITEMS}", compute, f"begin_evaluation:{REFRESHED_ITEMS}", compute,
@@ -362,22 +312,21 @@ def test_item_matrix_is_computed_once_per_stage1_epoch_and_evaluation_and_never_
 
     frozen_matrix = model.item_matrix.clone()
     model.train()
-    model.calculate_loss(next(iter(train_data)))[0].backward()
+    model.calculate_loss(next(iter(tiny.train_data)))[0].backward()
     assert torch.equal(model.item_matrix, frozen_matrix)  # no gradient, no refresh in stage 2
 
 
 def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_items(tiny, monkeypatch):
-    config, train_data, valid_data, test_data = tiny
-    model = build_laser(tiny, stage1_epochs=0, stage2_epochs=1)
+    model = tiny.build(stage1_epochs=0, stage2_epochs=1)
     events = record_item_matrix_calls(model, monkeypatch)
-    trainer = LaserTrainer(config, model)
-    trainer.fit(train_data, valid_data, saved=True)
+    trainer = LLMTrainer(model.config, model)
+    trainer.fit(tiny.train_data, tiny.valid_data, saved=True)
     # computed once, when stage 2 starts without a stage 1
     assert events == [
         f"begin_stage:{FROZEN_ITEMS}", "compute_item_matrix",
         f"begin_epoch:{FROZEN_ITEMS}", f"begin_evaluation:{FROZEN_ITEMS}",
     ]
-    batch = next(iter(test_data))[0]
+    batch = next(iter(tiny.test_data))[0]
     model.eval()
     with torch.no_grad():
         model.begin_evaluation()
@@ -386,9 +335,9 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
     checkpoint = load_checkpoint(trainer.saved_model_file)
     assert checkpoint["stage"] == FROZEN_ITEMS
     assert set(checkpoint["state_dict"]) == set(trainable_state(model)) | {"item_matrix", "item_matrix_is_current"}
-    reloaded = build_laser(tiny, stage1_epochs=0, stage2_epochs=1)
+    reloaded = tiny.build(stage1_epochs=0, stage2_epochs=1)
     events = record_item_matrix_calls(reloaded, monkeypatch)
-    LaserTrainer(config, reloaded).load_model_state(checkpoint)
+    load_model_state(reloaded, checkpoint)
     reloaded.eval()
     with torch.no_grad():
         reloaded.begin_evaluation()
@@ -413,11 +362,9 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
     ids=lambda ablation: ",".join(f"{k}={v}" for k, v in ablation.items()) or "laser",
 )
 def test_run_recbole_llm_end_to_end(tiny, tmp_path, ablation):
-    cf_model = ablation.get("cf_model", "SASRec")
-    config_dict = tiny_config(
-        tmp_path, **{**LASER_SIZES, "cf_checkpoint": cf_checkpoint(tiny, cf_model), **ablation}
-    )
-    result = run_recbole_llm(model="Laser", dataset="ml-100k-tiny", config_dict=config_dict)
+    cf_checkpoint = cf_checkpoint_of(tiny, ablation.get("cf_model", "SASRec"))
+    config_dict = {**tiny.config_dict, "checkpoint_dir": str(tmp_path / "saved"), "cf_checkpoint": cf_checkpoint, **ablation}
+    result = run_recbole_llm(model="Laser", dataset=TINY_DATASET, config_dict=config_dict)
 
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
     assert all(0.0 <= value <= 1.0 for value in result["test_result"].values())
@@ -433,3 +380,15 @@ def test_run_recbole_llm_end_to_end(tiny, tmp_path, ablation):
         assert model.stage == checkpoint["stage"] and result["companions"][0]["model"] == "SASRec (CF model of Laser)"
         trainer = get_trainer(config["MODEL_TYPE"], "Laser")(config, model)
         assert trainer.evaluate(test_data, load_best_model=False) == result["test_result"]
+
+
+def test_the_given_cf_checkpoint_is_read_once(tiny, monkeypatch):
+    reads = []
+
+    def counted(path, *args, **kwargs):
+        reads.append(path)
+        return load_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr("recbole_llm.model.collaborative.load_checkpoint", counted)
+    tiny.build()
+    assert reads == [tiny.config["cf_checkpoint"]]

@@ -4,18 +4,12 @@ hooks, hf_device_map, weights that a parent's .to() must leave where they are)."
 
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
 from torch import nn
 
-from conftest import TINY_DATASET, module_workdir, tiny_config
-from recbole_llm.config import Config
+from conftest import tiny_run
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.trainer import LaserTrainer
-from recbole_llm.utils import get_model
-from test_laser import LASER_SIZES
-from test_rsllm import RSLLM_SIZES
+from recbole_llm.trainer import LLMTrainer
 
 ON_CPU = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
           "model.rotary_emb": "cpu", "lm_head": "cpu"}
@@ -23,20 +17,13 @@ SECOND_LAYER_ON_DISK = {**ON_CPU, "model.layers.1": "disk"}
 NORM_ON_DISK = {**ON_CPU, "model.norm": "disk"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "device_map") as path:
-        yield path
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
-def build(model_name, sizes, device_map, workdir):
-    """A model and its data loaders, its LLM placed by device_map, moved to the device as quick_start does."""
-    config_dict = tiny_config(workdir, **{**sizes, "llm_device_map": device_map})
-    config = Config(model=model_name, dataset=TINY_DATASET, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
-    model = get_model(model_name)(config, train_data._dataset).to(config["device"])
-    return config, model, train_data, valid_data
+def build(model_name, device_map, workdir, cf_checkpoint, **settings):
+    """A model built as a run builds it, its LLM placed by device_map, and its tiny run."""
+    run = tiny_run(model_name, workdir, llm_device_map=device_map, cf_checkpoint=cf_checkpoint, **settings)
+    return run.build(), run
 
 
 def test_auto_without_gpus_puts_the_llm_on_the_cpu():
@@ -62,21 +49,20 @@ def test_input_embeddings_off_the_first_device_are_a_one_line_error():
         load_llm("tiny-llama", device_map={**ON_CPU, "model.embed_tokens": "disk", "lm_head": "disk"})
 
 
-def test_laser_trains_through_a_dispatched_llm(workdir):
-    sizes = {**LASER_SIZES, "stage2_epochs": 0}
-    config, laser, train_data, valid_data = build("Laser", sizes, SECOND_LAYER_ON_DISK, workdir)
+def test_laser_trains_through_a_dispatched_llm(workdir, cf_checkpoint):
+    laser, run = build("Laser", SECOND_LAYER_ON_DISK, workdir, cf_checkpoint, stage2_epochs=0)
     suffix_before = laser.suffix_tokens.detach().clone()
-    LaserTrainer(config, laser).fit(train_data, valid_data, saved=False)
+    LLMTrainer(run.config, laser).fit(run.train_data, run.valid_data, saved=False)
     assert not torch.equal(laser.suffix_tokens, suffix_before)  # its gradient came back through the disk layer
 
 
-def test_rsllm_trains_lora_beside_the_layers_of_a_dispatched_llm(workdir):
-    _, rsllm, train_data, _ = build("RSLLM", RSLLM_SIZES, NORM_ON_DISK, workdir)
-    sum(rsllm.calculate_loss(next(iter(train_data)))).backward()
+def test_rsllm_trains_lora_beside_the_layers_of_a_dispatched_llm(workdir, cf_checkpoint):
+    rsllm, run = build("RSLLM", NORM_ON_DISK, workdir, cf_checkpoint)
+    sum(rsllm.calculate_loss(next(iter(run.train_data)))).backward()
     adapter_grads = [weight.grad for name, weight in rsllm.llm.named_parameters() if "lora_B" in name]
     assert adapter_grads and all(grad is not None and grad.abs().sum() > 0 for grad in adapter_grads)
 
 
-def test_lora_on_an_offloaded_layer_is_a_one_line_error(workdir):
+def test_lora_on_an_offloaded_layer_is_a_one_line_error(workdir, cf_checkpoint):
     with pytest.raises(RecBoleLLMError, match="offloads layers that get LoRA adapters"):
-        build("RSLLM", RSLLM_SIZES, SECOND_LAYER_ON_DISK, workdir)
+        build("RSLLM", SECOND_LAYER_ON_DISK, workdir, cf_checkpoint)

@@ -7,18 +7,13 @@ import os
 
 import pytest
 import torch
-from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from conftest import TINY_DATASET, module_workdir, tiny_config
+from conftest import LASER_SIZES, RSLLM_SIZES, TINY_DATASET, tiny_config
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
-from recbole_llm.config import Config
-from recbole_llm.model.collaborative import trained_checkpoint
 from recbole_llm.model.sequential_recommender.laser import FROZEN_ITEMS, REFRESHED_ITEMS, Laser
 from recbole_llm.model.sequential_recommender.rsllm import TEXT_ONLY, UNIFIED, RSLLM
 from recbole_llm.quick_start import run_recbole_llm
-from test_laser import LASER_SIZES
-from test_rsllm import RSLLM_SIZES
 
 SETTINGS = {
     "Laser": {**LASER_SIZES, "stage1_epochs": 2, "stage2_epochs": 2},
@@ -27,18 +22,7 @@ SETTINGS = {
 }
 MODEL_CLASSES = {"Laser": Laser, "RSLLM": RSLLM, "SASRec": SASRec}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "resume") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def cf_checkpoint(workdir):
-    """One tiny SASRec for both LLM models."""
-    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(workdir, **LASER_SIZES))
-    return trained_checkpoint(config, data_preparation(config, create_dataset(config))[0]._dataset)
+pytestmark = pytest.mark.usefixtures("workdir")
 
 
 def run(model, checkpoint_root, cf_checkpoint, **overrides):

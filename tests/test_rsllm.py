@@ -3,82 +3,30 @@ what trains, the unified prompt, the LM labels, the losses, the two stages, the 
 
 import logging
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import module_workdir, tiny_config
+from conftest import RSLLM_SIZES, TINY_DATASET, tiny_config
+from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates, sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
-from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.llm.candidates import candidate_metrics, named_candidates, sample_candidates
-from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, RSLLM, joined
+from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, joined
 from recbole_llm.quick_start import run_recbole_llm
-from recbole_llm.trainer import RSLLMTrainer
-
-RSLLM_SIZES = {
-    "llm_path": "tiny-llama",
-    "llm_layers": None,  # both of its 2 layers
-    "lora_r": 4,
-    "lora_dropout": 0.0,
-    "max_prompt_items": 3,
-    "max_item_tokens": 8,
-    "train_batch_size": 8,
-    "train_batches_per_epoch": 2,
-    "eval_batch_size": 64,
-    "item_batch_size": 256,
-    "stage1_epochs": 1,
-    "stage2_epochs": 1,
-    "n_candidates": 5,
-    "n_candidate_users": 16,
-    "cf_config": {"epochs": 1, "hidden_size": 32, "inner_size": 64, "n_layers": 1, "train_batch_size": 2048},
-}
+from recbole_llm.trainer import LLMTrainer
 
 
-def rsllm_config(checkpoint_root, **overrides):
-    config_dict = tiny_config(checkpoint_root, **{**RSLLM_SIZES, **overrides})
-    return Config(model="RSLLM", dataset="ml-100k-tiny", config_dict=config_dict)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    with module_workdir(tmp_path_factory, "rsllm") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
-def tiny(workdir):
-    """Config and data loaders; the CF model is trained once into workdir and reused by every model here."""
-    config = rsllm_config(workdir)
-    init_seed(config["seed"], config["reproducibility"])
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
-    return config, train_data, valid_data, test_data
-
-
-def build_rsllm(tiny, **overrides):
-    config, train_data, _, _ = tiny
-    if overrides:
-        config = rsllm_config(Path(config["checkpoint_dir"]).parent, **overrides)
-    init_seed(config["seed"], config["reproducibility"])
-    return RSLLM(config, train_data._dataset)
+MODEL = "RSLLM"  # of the tiny and batch fixtures
 
 
 @pytest.fixture(scope="module")
 def rsllm(tiny):
-    return build_rsllm(tiny)
-
-
-@pytest.fixture(scope="module")
-def batch(tiny):
-    return next(iter(tiny[1]))
+    return tiny.build()
 
 
 # ---- The candidate protocol's pure functions ---------------------------------------------------------------------
@@ -150,7 +98,7 @@ def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(
     backbone = load_llm("tiny-llama")
     assert not any(isinstance(module, LoraLayer) for module in backbone.model.modules())
     assert rsllm.llm.get_base_model() is not backbone.model
-    assert rsllm.embed_tokens().weight is backbone.input_embeddings().weight  # modules copied, weights shared
+    assert rsllm.input_embeddings().weight is backbone.input_embeddings().weight  # modules copied, weights shared
     checkpoint_keys = rsllm.checkpoint_state_dict().keys()
     assert all("lora_" in key or not key.startswith("llm.") for key in checkpoint_keys)
     assert not any(key.startswith("cf_encoder.") for key in checkpoint_keys)
@@ -191,7 +139,7 @@ def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
     prompt_length = prompt.inputs_embeds.shape[1]
     assert (labels[:, :prompt_length] == IGNORED).all()
     for b, item in enumerate(next_items.tolist()):
-        title = rsllm.title_ids[item, : rsllm.title_lengths[item]].tolist()
+        title = rsllm.title_ids[item, : rsllm.item_text_lengths[item]].tolist()
         assert labels[b][labels[b] != IGNORED].tolist() == title + [rsllm.tokenizer.eos_token_id]
         answer = slice(prompt_length, prompt_length + len(title) + 1)
         assert attention_mask[b, answer].all() and not attention_mask[b, answer.stop :].any()
@@ -218,7 +166,7 @@ def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
 )
 def test_bad_hyper_parameters_are_one_line_errors(tiny, overrides, fragment):
     with pytest.raises(RecBoleLLMError) as caught:
-        build_rsllm(tiny, **overrides)
+        tiny.build(**overrides)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -226,7 +174,7 @@ def test_bad_hyper_parameters_are_one_line_errors(tiny, overrides, fragment):
 
 
 def test_each_loss_term_is_finite_and_decreases_on_one_batch(tiny, batch):
-    model = build_rsllm(tiny)
+    model = tiny.build()
     model.begin_stage(UNIFIED)
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -246,7 +194,7 @@ def test_each_loss_term_is_finite_and_decreases_on_one_batch(tiny, batch):
 
 
 def test_gradient_checkpointing_stays_on_while_training(tiny, batch):
-    model = build_rsllm(tiny, gradient_checkpointing=True)
+    model = tiny.build(gradient_checkpointing=True)
     layers = [m for m in model.llm.modules() if isinstance(m, GradientCheckpointingLayer)]
     model.begin_stage(UNIFIED)
     model.train()
@@ -271,9 +219,8 @@ class Records(logging.Handler):
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    """A model trained through both stages by RSLLMTrainer, with snapshots of the projector at each stage start."""
-    config, train_data, valid_data, _ = tiny
-    model = build_rsllm(tiny)
+    """A model trained through both stages by the LLMTrainer, with snapshots of the projector at each stage start."""
+    model = tiny.build()
     backbone_before = {name: t.clone() for name, t in load_llm("tiny-llama").model.state_dict().items()}
     projector_at = {"init": [p.detach().clone() for p in model.projector.parameters()]}
     begin_stage = model.begin_stage
@@ -286,9 +233,9 @@ def trained(tiny):
     records = Records()
     logging.getLogger().addHandler(records)
     logging.getLogger().setLevel(logging.INFO)
-    trainer = RSLLMTrainer(config, model)
+    trainer = LLMTrainer(model.config, model)
     try:
-        trainer.fit(train_data, valid_data, saved=True)
+        trainer.fit(tiny.train_data, tiny.valid_data, saved=True)
     finally:
         logging.getLogger().removeHandler(records)
     return model, trainer, records.messages, projector_at, backbone_before
@@ -319,10 +266,9 @@ def test_base_llm_is_bit_identical_after_training(trained):
     assert any("lora_B" in key for key in saved)
 
 
-def test_item_tower_runs_once_per_evaluation_and_only_when_weights_changed(trained, tiny):
+def test_item_tower_runs_once_per_evaluation_and_again_only_after_a_training_step(trained, tiny):
     model, trainer, _, _, _ = trained
-    _, _, valid_data, _ = tiny
-    calls = {"item_tower": 0, "full_sort_predict": 0}
+    calls = {"item_embedding": 0, "full_sort_predict": 0}
     for name in calls:
         method = getattr(model, name)
 
@@ -332,27 +278,37 @@ def test_item_tower_runs_once_per_evaluation_and_only_when_weights_changed(train
 
         setattr(model, name, counted)
     n_item_batches = math.ceil((model.n_items - 1) / model.item_batch_size)  # item 0 is padding
+    valid_data = tiny.valid_data
     try:
-        model.item_matrix = None
+        model.item_matrix_outdated()
         first = trainer.evaluate(valid_data, load_best_model=False)
-        assert calls == {"item_tower": n_item_batches, "full_sort_predict": len(valid_data)}
+        assert calls == {"item_embedding": n_item_batches, "full_sort_predict": len(valid_data)}
         again = trainer.evaluate(valid_data, load_best_model=False)  # same weights: the item matrix is reused
-        assert calls == {"item_tower": n_item_batches, "full_sort_predict": 2 * len(valid_data)}
+        assert calls == {"item_embedding": n_item_batches, "full_sort_predict": 2 * len(valid_data)}
         assert again == first
-        with torch.no_grad():
-            model.state_head.bias.add_(0.5)
-        trainer.evaluate(valid_data, load_best_model=False)  # a changed weight: computed again
-        assert calls == {"item_tower": 2 * n_item_batches, "full_sort_predict": 3 * len(valid_data)}
-        with torch.no_grad():
-            model.state_head.bias.sub_(0.5)
+        model.train()
+        model.calculate_loss(next(iter(tiny.train_data)))  # a training step follows: the weights change
+        before = calls["item_embedding"]
+        trainer.evaluate(valid_data, load_best_model=False)
+        assert calls["item_embedding"] == before + n_item_batches  # computed again
     finally:
         for name in calls:
             delattr(model, name)
     assert len(valid_data) > 1  # several user batches reuse one item matrix
 
 
+def test_a_reloaded_checkpoint_scores_with_the_item_matrix_it_holds(trained, tiny, monkeypatch):
+    model, trainer, _, _, _ = trained
+    expected = trainer.evaluate(tiny.test_data, load_best_model=True)
+    reloaded = tiny.build()
+    monkeypatch.setattr(reloaded, "compute_item_matrix", lambda: pytest.fail("the item matrix was computed again"))
+    assert LLMTrainer(reloaded.config, reloaded).evaluate(
+        tiny.test_data, load_best_model=True, model_file=trainer.saved_model_file
+    ) == expected
+
+
 def test_llm_layers_runs_the_first_layers_and_leaves_the_shared_llm_whole(tiny, batch):
-    shallow = build_rsllm(tiny, llm_layers=1)
+    shallow = tiny.build(llm_layers=1)
     assert len(shallow.llm.get_base_model().get_decoder().layers) == 1
     assert len(load_llm("tiny-llama").model.get_decoder().layers) == 2
     losses = shallow.calculate_loss(batch)
@@ -361,7 +317,7 @@ def test_llm_layers_runs_the_first_layers_and_leaves_the_shared_llm_whole(tiny, 
     candidates = torch.arange(1, 11).reshape(2, 5)
     assert len(shallow.answer_candidates(item_seq, item_len, candidates)) == 2  # generation runs on the cut model
     with pytest.raises(RecBoleLLMError, match="llm_layers is 3: tiny-llama has 2 layers"):
-        build_rsllm(tiny, llm_layers=3)
+        tiny.build(llm_layers=3)
 
 
 # ---- End to end ------------------------------------------------------------------------------------------------
@@ -369,8 +325,8 @@ def test_llm_layers_runs_the_first_layers_and_leaves_the_shared_llm_whole(tiny, 
 
 @pytest.mark.parametrize("candidate_eval", [False, True])
 def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
-    result = run_recbole_llm(
-        model="RSLLM", dataset="ml-100k-tiny",
+    result = run_recbole_llm(  # without a cf_checkpoint: the run trains the CF model first (cached in workdir)
+        model="RSLLM", dataset=TINY_DATASET,
         config_dict=tiny_config(workdir, **RSLLM_SIZES, candidate_eval=candidate_eval),
     )
     test_result = result["test_result"]

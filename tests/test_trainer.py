@@ -1,7 +1,5 @@
 """LLMTrainer: trainable-only optimizer and checkpoints, stages in order, hooks, accumulation, capped epochs."""
 
-import os
-
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation

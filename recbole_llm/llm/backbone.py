@@ -1,6 +1,7 @@
 """Frozen causal-LM backbones: one loader for local directories, hub ids, .gguf files, the bundled SmolLM2 and
 random-weight models (tiny ones for tests, a 1B one for GPU cost benchmarks), on one device or spread over several by
-transformers/accelerate (``llm_device_map``), with one shared instance per process and setting."""
+transformers/accelerate (``llm_device_map``), with one shared instance per process and setting; and the ways a model
+runs it: through its first ``llm_layers`` blocks, without the LM head."""
 
 import copy
 import functools
@@ -108,6 +109,39 @@ def load_llm(
     return _CACHE[key]
 
 
+def llm_from_config(config) -> LLMBackbone:
+    """The frozen LLM a model's settings name (llm_path, llm_dtype, gradient_checkpointing, llm_device_map), on
+    config['device']."""
+    return load_llm(
+        config["llm_path"],
+        config["device"],
+        config["llm_dtype"],
+        config["gradient_checkpointing"],
+        config["llm_device_map"],
+    )
+
+
+def llm_decoder(backbone: LLMBackbone, n_layers: int | None) -> nn.Module:
+    """The frozen LLM without its LM head, through only its first `n_layers` blocks when n_layers is set: a shallow
+    copy with a cut block list that shares every weight, so the cached LLM stays whole."""
+    if not n_layers:
+        return backbone.transformer()
+    decoder, blocks_name, first_blocks = decoder_blocks(backbone.model, n_layers, backbone.name)
+    first_layers = copy.copy(decoder)
+    first_layers._modules = {**decoder._modules, blocks_name: first_blocks}
+    return first_layers
+
+
+def cut_layers(model: nn.Module, n_layers: int, llm_name: str) -> None:
+    """Keeps the first n_layers blocks of a causal LM, in place (a copy of the cached one): its LM head then reads
+    block n_layers, for every use of the model, generation included."""
+    decoder, blocks_name, first_blocks = decoder_blocks(model, n_layers, llm_name)
+    setattr(decoder, blocks_name, first_blocks)
+    model.config.num_hidden_layers = n_layers  # the decoder loops over this many blocks; caches are sized by it
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n_layers]
+
+
 def decoder_blocks(model: nn.Module, n_layers: int, llm_name: str) -> tuple[nn.Module, str, nn.ModuleList]:
     """A causal LM's decoder (no LM head), the attribute name of its block list, and its first `n_layers` blocks
     (the `llm_layers` CPU-budget option); a one-line error when the LLM has fewer."""
@@ -117,7 +151,16 @@ def decoder_blocks(model: nn.Module, n_layers: int, llm_name: str) -> tuple[nn.M
         raise RecBoleLLMError(
             f"llm_layers is {n_layers}: {llm_name} has {len(blocks)} layers, use 1 to {len(blocks)}, or None for all"
         )
+    logger.info(f"{llm_name} runs its first {n_layers} of {len(blocks)} layers (llm_layers)")
     return decoder, name, blocks[:n_layers]
+
+
+def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+    """A decoder's last-layer states [B, T, d_llm] (no LM head, no vocabulary logits), on the inputs' device: an LLM
+    spread over several GPUs ends on the last."""
+    return decoder(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state.to(inputs_embeds.device)
 
 
 def clear_llm_cache() -> None:
@@ -148,9 +191,8 @@ def _load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        f"LLM {llm_path}: {n_params / 1e6:.1f}M parameters, {dtype}, {placement}, "
+        f"LLM {llm_path}: {model.num_parameters() / 1e6:.1f}M parameters, {dtype}, {placement}, "
         f"{model.config._attn_implementation} attention, loaded in {time.perf_counter() - start:.1f} s"
     )
     return LLMBackbone(model, tokenizer, llm_path, model.config.hidden_size, dtype, device)

@@ -8,17 +8,12 @@ from recbole.utils import FeatureType
 
 from recbole_llm.errors import RecBoleLLMError
 
-DEFAULT_FIELDS = ["movie_title", "release_year"]
-DEFAULT_TEMPLATE = "{movie_title} ({release_year})"
-DEFAULT_MAX_ITEM_TOKENS = 24
+EMPTY_TEXT_CHOICES = ("error", "id")
 
 
 def template_fields(template: str) -> list[str]:
     """The placeholder names of a `str.format` template, in order."""
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
-EMPTY_TEXT_CHOICES = ("error", "id")
 
 
 def item_texts(dataset, fields: list[str], template: str, empty_item_text: str = "error") -> list[str]:
@@ -49,14 +44,33 @@ def item_texts(dataset, fields: list[str], template: str, empty_item_text: str =
     return texts
 
 
-def item_texts_from_config(config, dataset) -> list[str]:
-    """item_texts with the settings item_text_fields, item_text_template and empty_item_text."""
-    fields = config["item_text_fields"] or DEFAULT_FIELDS
+def text_settings(config, title_only=False):
+    """The fields and the template of item_text_fields and item_text_template: the fields joined by spaces when no
+    template is set; with title_only, the first field alone (the item's title)."""
+    fields = config["item_text_fields"]
+    if not fields:
+        raise RecBoleLLMError(
+            "item_text_fields is not set: name the item features an item is written with, e.g. "
+            "--item_text_fields=[title,year] (the columns of the dataset's .item file)"
+        )
     fields = [fields] if isinstance(fields, str) else list(fields)
-    empty_item_text = config["empty_item_text"] or "error"
+    if title_only:
+        return fields[:1], "{" + fields[0] + "}"
+    template = config["item_text_template"]
+    return fields, " ".join("{" + field + "}" for field in fields) if template is None else template
+
+
+def check_item_text_settings(config, dataset):
+    """One-line errors for item text settings that do not fit the dataset, before its texts are written."""
+    empty_item_text = config["empty_item_text"]
     if empty_item_text not in EMPTY_TEXT_CHOICES:
         raise RecBoleLLMError(f"empty_item_text is {empty_item_text!r}: use one of {', '.join(EMPTY_TEXT_CHOICES)}")
-    return item_texts(dataset, fields, config["item_text_template"] or DEFAULT_TEMPLATE, empty_item_text)
+    _check_fields(dataset, *text_settings(config))
+
+
+def item_texts_from_config(config, dataset, title_only=False) -> list[str]:
+    """item_texts with the settings item_text_fields, item_text_template and empty_item_text."""
+    return item_texts(dataset, *text_settings(config, title_only), config["empty_item_text"])
 
 
 class ItemTextTable:
@@ -78,7 +92,7 @@ class ItemTextTable:
 
     @classmethod
     def from_config(cls, config, texts, tokenizer):
-        return cls(texts, tokenizer, config["max_item_tokens"] or DEFAULT_MAX_ITEM_TOKENS)
+        return cls(texts, tokenizer, config["max_item_tokens"])
 
 
 def _check_fields(dataset, fields: list[str], template: str) -> None:
@@ -87,8 +101,8 @@ def _check_fields(dataset, fields: list[str], template: str) -> None:
     if missing:
         raise RecBoleLLMError(
             f"item_text_fields {missing} are not item features of dataset '{dataset.dataset_name}' "
-            f"(it has: {', '.join(present) or 'none, no .item file loaded'}): change item_text_fields "
-            "or add the field to load_col['item']"
+            f"(it has: {', '.join(present) or 'none, no .item file loaded'}): change item_text_fields, "
+            "or add the field to the .item file (and to load_col['item'] where load_col is set)"
         )
     placeholders = template_fields(template)
     if not placeholders:

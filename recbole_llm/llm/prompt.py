@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.llm.item_text import ItemTextTable, template_fields
+from recbole_llm.llm.item_text import ItemTextTable
 
 
 @dataclass
@@ -29,8 +29,9 @@ class PromptAssembler(nn.Module):
 
     `[pad ...] [prefix] head  marker(1) text(1) [slot] separator  marker(2) text(2) [slot] ...  tail [suffix]`
 
-    keeping the most recent `max_prompt_items` items, numbered 1..n in that window. The separator goes between
-    items, not after the last. A module only so that `.to(device)` moves the cached ids.
+    keeping the most recent `max_prompt_items` items, numbered 1..n in that window (the item marker holds {index}
+    once: the models check their settings). The separator goes between items, not after the last. A module only so
+    that `.to(device)` moves the cached ids.
     """
 
     def __init__(
@@ -47,12 +48,6 @@ class PromptAssembler(nn.Module):
         use_slots: bool = False,
     ):
         super().__init__()
-        if template_fields(item_marker) != ["index"]:
-            raise RecBoleLLMError(
-                f"item marker '{item_marker}' must hold {{index}} once and no other placeholder: e.g. ' >> {{index}}.'"
-            )
-        if max_prompt_items < 1:
-            raise RecBoleLLMError(f"max_prompt_items is {max_prompt_items}: it must be at least 1")
         self.max_prompt_items, self.n_prefix, self.n_suffix = max_prompt_items, n_prefix, n_suffix
         self.use_slots = use_slots
         self.pad_token_id = item_text.pad_token_id
@@ -85,10 +80,6 @@ class PromptAssembler(nn.Module):
         per_item = self.marker_valid[: self.max_prompt_items].sum(1).cpu() + longest_text + int(self.use_slots)  # [P]
         fixed = self.n_prefix + len(self.head_ids) + len(self.tail_ids) + self.n_suffix
         return fixed + per_item.cumsum(0) + (n_items - 1) * len(self.separator_ids)
-
-    def by_text_length(self, items: torch.LongTensor) -> torch.LongTensor:
-        """Items [N] ordered by the length of their text: batches of neighbours pad little (length bucketing)."""
-        return items[self.item_token_valid[items].sum(1).argsort(stable=True)]
 
     def item_only(self, items: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Items [N] as one-item histories (item_seq [N, 1], item_len [N]), to write an item with the user template."""

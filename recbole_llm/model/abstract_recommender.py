@@ -1,10 +1,21 @@
-"""What an LLM-based sequential recommender tells the LLMTrainer: its frozen backbones and its training stages."""
+"""What an LLM-based sequential recommender is to the run and the LLMTrainer: its settings checks, its frozen
+backbones, its training stages and its item matrix; and the parameter counts every log and table reports."""
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.errors import RecBoleLLMError, is_int, require
+from recbole_llm.llm.item_text import check_item_text_settings, template_fields
+from recbole_llm.model.collaborative import check_cf_model
+
+
+def count_parameters(module):
+    """(trainable, total) parameter counts of a module."""
+    parameters = list(module.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
 
 @dataclass(frozen=True)
@@ -18,19 +29,52 @@ class TrainingStage:
 class LLMSequentialRecommender(SequentialRecommender):
     """A RecBole SequentialRecommender around frozen backbones (an LLM, a CF model), trained in stages.
 
-    Subclasses say which modules are frozen, which stages they train in, and what happens at the start of a stage,
-    an epoch and an evaluation (e.g. computing the item matrix once). Checkpoints hold everything but the frozen
-    backbones' weights, so a checkpoint is megabytes, not the LLM.
+    Subclasses say which settings they check, whether they read a CF model, which modules are frozen, which stages
+    they train in, what happens at the start of a stage and an epoch, and how one item is embedded. Checkpoints hold
+    everything but the frozen backbones' weights, so a checkpoint is megabytes, not the LLM.
+
+    The item matrix: every item's unit-norm embedding [n_items, d] (row 0, padding, stays zero), computed once per
+    evaluation (or per epoch, or frozen: the model says) and reused by every user batch. It is a buffer, so that a
+    checkpoint holds the matrix it scores with and whether its weights made that matrix.
     """
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.config = config
+        self.item_batch_size = config["item_batch_size"]
         self.stage = None
+
+    # ---- Settings and backbones ----------------------------------------------------------------------------------
+
+    @classmethod
+    def check_settings(cls, config, dataset):
+        """One-line errors for bad settings: quick_start.build_model calls this before anything costly (training
+        the CF model, loading the LLM). Subclasses add their own checks."""
+        for key in ("max_prompt_items", "item_batch_size", "grad_accum_steps"):
+            require(config, key, is_int(config[key]) and config[key] > 0, "it must be a positive integer")
+        for key in ("stage1_epochs", "stage2_epochs"):
+            require(config, key, is_int(config[key]) and config[key] >= 0, "use 0 to skip the stage, or more")
+        layers = config["llm_layers"]
+        require(config, "llm_layers", layers is None or is_int(layers) and layers > 0,
+                "it must be a positive number of layers, or None for all of them")
+        marker = config["prompt_item_marker"]
+        require(config, "prompt_item_marker", isinstance(marker, str) and template_fields(marker) == ["index"],
+                "it must hold {index} once and no other placeholder, to number the items: e.g. ' >> {index}.'")
+        check_item_text_settings(config, dataset)
+        if cls.reads_cf_model(config):
+            check_cf_model(config)
+            require(config, "cf_config", isinstance(config["cf_config"], dict), "it must be a dict of settings")
+
+    @classmethod
+    def reads_cf_model(cls, config):
+        """Whether the model, with these settings, reads a frozen CF model (the run trains one when none is given)."""
+        return False
 
     def frozen_modules(self):
         """Modules whose weights never train (their parameters have requires_grad False)."""
         return []
+
+    # ---- Stages ------------------------------------------------------------------------------------------------
 
     def training_stages(self):
         return [TrainingStage("train", self.config["epochs"])]
@@ -47,10 +91,50 @@ class LLMSequentialRecommender(SequentialRecommender):
         """Called by the trainer before each training epoch."""
 
     def begin_evaluation(self):
-        """Called by the trainer once before each evaluation (valid or test), before any batch is scored."""
+        """Called by the trainer once before each evaluation (valid or test), before any batch is scored: the item
+        matrix, once, unless no weight changed since it was computed."""
+        self.refresh_item_matrix()
 
     def end_evaluation(self):
         """Called by the trainer once after each evaluation, when every batch has been scored (e.g. to log it)."""
+
+    # ---- The item matrix ---------------------------------------------------------------------------------------
+
+    def register_item_matrix(self, width, item_text_lengths):
+        """The item matrix [n_items, width] and whether the current weights made it; item_text_lengths [n_items]
+        orders the items when it is computed."""
+        self.register_buffer("item_matrix", torch.zeros(self.n_items, width))
+        self.register_buffer("item_matrix_is_current", torch.tensor(False))
+        self.register_buffer("item_text_lengths", item_text_lengths, persistent=False)
+
+    def item_embedding(self, items):
+        """The embedding of each item [N] -> [N, width]: a row of the item matrix before normalisation."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def compute_item_matrix(self):
+        """Every item's unit-norm embedding with the current weights, without gradient or dropout: [n_items, d].
+        Items of one text length are batched together, so that batches pad little."""
+        was_training = self.training
+        self.eval()  # the matrix is a fixed target: no dropout in it
+        items = torch.arange(1, self.n_items, device=self.item_matrix.device)
+        items = items[self.item_text_lengths[items].argsort(stable=True)]
+        embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
+        self.train(was_training)
+        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings, dim=-1))
+
+    def refresh_item_matrix(self):
+        """Recompute the item matrix, unless no weight changed since it was computed (e.g. an epoch right after a
+        validation, or a checkpoint reloaded with the matrix its weights made)."""
+        if not self.item_matrix_is_current:
+            self.item_matrix.copy_(self.compute_item_matrix())
+            self.item_matrix_is_current.fill_(True)
+
+    def item_matrix_outdated(self):
+        """The weights the item matrix was computed with are changing (an optimizer step follows, or another stage)."""
+        self.item_matrix_is_current.fill_(False)
+
+    # ---- Modes and checkpoints ---------------------------------------------------------------------------------
 
     def train(self, mode=True):
         super().train(mode)

@@ -1,11 +1,10 @@
 """The frozen ID-based recommender (a RecBole SASRec or BERT4Rec checkpoint) that Laser and RSLLM build on.
 
-``cf_checkpoint`` names a checkpoint written by RecBole's trainer; without one, the CF model is trained here with
-RecBole's trainer on the same dataset and split, and cached under ``checkpoint_dir`` for the next run.
+It only loads the checkpoint ``cf_checkpoint`` names: when the user names none, the run trains one before the model
+is built (recbole_llm.cf_training) and names it.
 """
 
 import hashlib
-import json
 import os
 import random
 from contextlib import contextmanager
@@ -13,60 +12,48 @@ from logging import getLogger
 
 import numpy as np
 import torch
-from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
-from recbole.utils import init_seed
 from torch import nn
 
-from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
-from recbole_llm.config import Config
-from recbole_llm.distributed import synchronize, writes_files
-from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.utils import get_trainer
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.errors import RecBoleLLMError, require
 
 CF_MODELS = {"SASRec": SASRec, "BERT4Rec": BERT4Rec}
-
-# The LLM model's settings that decide the data, the split, the evaluation protocol and the training budget,
-# given to the CF model too (with RecBole's data settings, config.parameters["Dataset"]); cf_config goes on top.
-CARRIED_KEYS = [
-    "seed", "reproducibility", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress", "eval_args", "repeatable",
-    "metrics", "topk", "valid_metric", "train_batch_size", "eval_batch_size", "epochs", "stopping_step", "eval_step",
-]
-# Settings that do not change the trained CF model, so they stay out of its cache key.
-NOT_IN_CACHE_KEY = {
-    "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
-    "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
-    "dataloaders_save_path", "single_spec", "local_rank", "resume", "resume_checkpoint",
-    "nproc", "world_size", "ip", "port", "offset", "ddp_timeout",  # how a run is spread, not what the model learns
-}
 
 
 class CollaborativeEncoder(nn.Module):
     """A frozen RecBole SASRec/BERT4Rec: its item embedding table and its hidden states of item sequences.
 
-    Reads ``cf_model`` (SASRec or BERT4Rec), ``cf_checkpoint`` (a path, or None to train and cache one),
-    ``cf_config`` (overrides for training the CF model) and ``cf_hidden_size`` (checked when set).
+    Reads ``cf_model`` (SASRec or BERT4Rec), ``cf_checkpoint`` (the checkpoint to load, read once) and
+    ``cf_hidden_size`` (checked when set).
     """
 
     def __init__(self, config, dataset):
         super().__init__()
-        cf_model = config["cf_model"]
+        check_cf_model(config)
+        cf_model, path = config["cf_model"], config["cf_checkpoint"]
+        if not path:
+            raise RecBoleLLMError(
+                "cf_checkpoint is not set: name the RecBole checkpoint of the CF model, or build the model with "
+                "recbole_llm.quick_start.build_model, which trains and caches one first"
+            )
+        if not os.path.isfile(path):
+            raise RecBoleLLMError(
+                f"cf_checkpoint {path} does not exist: pass the .pth file RecBole's trainer wrote for {cf_model} on "
+                f"{config['dataset']}, or drop cf_checkpoint to train one"
+            )
+        checkpoint = load_checkpoint(path)
+        check_checkpoint_fits(checkpoint, path, config, dataset)
+        self.checkpoint_path = path
         self.n_items = dataset.item_num
-        checkpoint = load_given_checkpoint(config, dataset)
-        with preserved_random_state():  # building or training the CF model must not shift the LLM model's init
-            if checkpoint is None:
-                self.checkpoint_path = trained_checkpoint(config, dataset)
-                checkpoint = load_checkpoint(self.checkpoint_path)
-                check_checkpoint_fits(checkpoint, self.checkpoint_path, config, dataset)
-            else:
-                self.checkpoint_path = config["cf_checkpoint"]
+        with preserved_random_state():  # building the CF model must not shift the LLM model's init
             self.recommender = CF_MODELS[cf_model](checkpoint["config"], dataset)
             self.recommender.load_state_dict(checkpoint["state_dict"])
         self.recommender.requires_grad_(False)
         self.recommender.eval()
         self.hidden_size = self.recommender.hidden_size
-        getLogger().info(f"collaborative encoder: frozen {cf_model} from {self.checkpoint_path}")
+        getLogger().info(f"collaborative encoder: frozen {cf_model} from {path}")
 
     def train(self, mode=True):
         """Frozen: stays in eval mode (no dropout) whatever the parent model asks."""
@@ -113,22 +100,8 @@ class CollaborativeEncoder(nn.Module):
         return shifted.scatter(1, mask_position[:, None], self.recommender.mask_token), mask_position
 
 
-def load_given_checkpoint(config, dataset):
-    """The cf_checkpoint the user named, checked against this run's cf_model and dataset; None when none is named.
-    Cheap, so models call it first too: a misfit checkpoint fails before the LLM loads."""
-    cf_model, path = config["cf_model"], config["cf_checkpoint"]
-    if cf_model not in CF_MODELS:
-        raise RecBoleLLMError(f"cf_model must be SASRec or BERT4Rec, got {cf_model!r}: set cf_model=SASRec")
-    if not path:
-        return None
-    if not os.path.isfile(path):
-        raise RecBoleLLMError(
-            f"cf_checkpoint {path} does not exist: pass the .pth file RecBole's trainer wrote for {cf_model} on "
-            f"{config['dataset']}, or drop cf_checkpoint to train one"
-        )
-    checkpoint = load_checkpoint(path)
-    check_checkpoint_fits(checkpoint, path, config, dataset)
-    return checkpoint
+def check_cf_model(config):
+    require(config, "cf_model", config["cf_model"] in CF_MODELS, "use SASRec or BERT4Rec, e.g. cf_model=SASRec")
 
 
 def item_id_fingerprint(dataset):
@@ -174,69 +147,6 @@ def check_checkpoint_fits(checkpoint, path, config, dataset):
             f"this run uses {config['MAX_ITEM_LIST_LENGTH']}: set MAX_ITEM_LIST_LENGTH to at most "
             f"{saved_config['MAX_ITEM_LIST_LENGTH']}, or {fix}"
         )
-
-
-class CFConfig(Config):
-    """The CF model's Config: built from the LLM model's settings only; ``--key=value`` is meant for the LLM model."""
-
-    def _load_cmd_line(self):
-        return {}
-
-
-def cf_training_config(config):
-    """The Config to train ``cf_model`` with: the LLM model's data, split and budget settings, then cf_config."""
-    carried = {key: config[key] for key in config.parameters["Dataset"] + CARRIED_KEYS if key in config}
-    carried["data_path"] = os.path.dirname(config["data_path"])  # the final data_path already ends in the dataset
-    if config["cf_hidden_size"]:
-        carried["hidden_size"] = config["cf_hidden_size"]
-    config_dict = {**carried, **(config["cf_config"] or {})}
-    return CFConfig(model=config["cf_model"], dataset=config["dataset"], config_dict=config_dict)
-
-
-def trained_checkpoint(config, dataset):
-    """The cached CF checkpoint for this dataset and these settings; trains and caches it first when missing (in a
-    multi-process run, local rank 0 trains it in one process while the others wait, then all read the file)."""
-    cf_config = cf_training_config(config)
-    path = cached_checkpoint_path(cf_config, dataset)
-    if os.path.isfile(path):
-        getLogger().info(f"collaborative encoder: reusing the {cf_config['model']} trained earlier, {path}")
-    elif writes_files(config):
-        train_into_cache(cf_config, dataset, path)
-    synchronize(config)
-    return path
-
-
-def train_into_cache(cf_config, dataset, path):
-    """Train cf_model with RecBole's trainer on the dataset rebuilt from cf_config, and cache it at ``path``."""
-    model_name = cf_config["model"]
-    getLogger().info(f"collaborative encoder: no cf_checkpoint given; training {model_name} into {path}")
-    full_dataset = create_dataset(cf_config)  # the model's dataset is the train split; RecBole splits the whole one
-    if item_id_fingerprint(full_dataset) != item_id_fingerprint(dataset):
-        raise RecBoleLLMError(
-            f"the {model_name} dataset rebuilt from this run's data settings maps item ids differently from the "
-            f"model's dataset: train {model_name} on the same data yourself and pass cf_checkpoint=PATH"
-        )
-    train_data, valid_data, _ = data_preparation(cf_config, full_dataset)
-    init_seed(cf_config["seed"], cf_config["reproducibility"])
-    model = CF_MODELS[model_name](cf_config, train_data._dataset).to(cf_config["device"])
-    trainer = get_trainer(cf_config["MODEL_TYPE"], model_name)(cf_config, model)
-    trainer.saved_model_file = f"{path}.{os.getpid()}.partial"  # a crash mid-training leaves no cache file behind
-    trainer.fit(train_data, valid_data, saved=True, show_progress=cf_config["show_progress"])
-    checkpoint = load_checkpoint(trainer.saved_model_file)
-    checkpoint["item_id_fingerprint"] = item_id_fingerprint(dataset)
-    save_checkpoint_atomically(checkpoint, path)
-    os.remove(trainer.saved_model_file)
-    os.remove(trainer.last_checkpoint_file)  # its resume point: the cache is written only by a finished training
-    getLogger().info(f"collaborative encoder: trained {model_name}, saved to {path}")
-
-
-def cached_checkpoint_path(cf_config, dataset):
-    """``<checkpoint_dir>/cf-<model>-<dataset>-<hash>.pth``, the hash over all that changes the trained model."""
-    settings = {key: value for key, value in cf_config.final_config_dict.items() if key not in NOT_IN_CACHE_KEY}
-    settings.update(item_id_fingerprint=item_id_fingerprint(dataset), training_samples=dataset.inter_num)
-    settings_hash = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    file_name = f"cf-{cf_config['model']}-{cf_config['dataset']}-{settings_hash}.pth"
-    return os.path.join(cf_config["checkpoint_dir"], file_name)
 
 
 @contextmanager

@@ -7,20 +7,18 @@ cosine / tau. Training runs in two stages: (1) the item matrix is recomputed at 
 user side trains against it, (2) the best item matrix is frozen and training goes on.
 """
 
-import copy
 from logging import getLogger
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.llm import load_llm
-from recbole_llm.llm.backbone import decoder_blocks
+from recbole_llm.errors import require
+from recbole_llm.llm.backbone import last_hidden_states, llm_decoder, llm_from_config
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
-from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
-from recbole_llm.model.collaborative import CollaborativeEncoder, load_given_checkpoint
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
+from recbole_llm.model.collaborative import CollaborativeEncoder
 from recbole_llm.model.layers import MFormer
 
 PREFIX_MODES = ("mformer", "free", "none")
@@ -41,25 +39,15 @@ class Laser(LLMSequentialRecommender):
         self.n_suffix = config["n_suffix"]
         self.tau = config["tau"]
         self.moe_balance_weight = config["moe_balance_weight"]
-        self.item_batch_size = config["item_batch_size"]
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
-        # Bad settings fail before the costly parts: loading the LLM, training the CF model.
-        check_hyper_parameters(config)
         item_texts = item_texts_from_config(config, dataset)
-        if self.prefix_mode == "mformer":
-            load_given_checkpoint(config, dataset)
-        logger = getLogger()
+        if self.reads_cf_model(config):  # first: a checkpoint that does not fit fails before the LLM loads
+            self.cf_encoder = CollaborativeEncoder(config, dataset)
 
         # 1. The frozen LLM. Shared per process by load_llm, so it is held beside the modules, not inside them: it
         # is never part of a state dict and never switched to train mode.
-        self.llm = load_llm(
-            config["llm_path"],
-            self.device,
-            config["llm_dtype"] or "auto",
-            bool(config["gradient_checkpointing"]),
-            config["llm_device_map"],
-        )
-        self.run_llm = llm_decoder(self.llm, config["llm_layers"]).__call__  # a call, so not a submodule either
+        self.llm = llm_from_config(config)
+        self.run_decoder = llm_decoder(self.llm, config["llm_layers"]).__call__  # a call, so not a submodule either
         llm_size = self.llm.hidden_size
 
         # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
@@ -71,10 +59,9 @@ class Laser(LLMSequentialRecommender):
         # long histories lose their oldest items; an item prompt (one item, no longer a prefix) fits when this does
         fit_to_context([self.user_prompt], self.llm.context_length(), self.llm.name)
 
-        # 3. The frozen CF encoder and the prefix: the M-Former over its states, free vectors, or nothing.
-        token_scale = self.llm.input_embeddings().weight.float().std().item()  # learned inputs start at this scale
+        # 3. The prefix: the M-Former over the frozen CF encoder's states, free vectors, or nothing.
+        token_scale = self.input_embeddings().weight.float().std().item()  # learned inputs start at this scale
         if self.prefix_mode == "mformer":
-            self.cf_encoder = CollaborativeEncoder(config, dataset)
             self.mformer = MFormer(
                 cf_size=self.cf_encoder.hidden_size,
                 llm_size=llm_size,
@@ -94,18 +81,36 @@ class Laser(LLMSequentialRecommender):
         # 4. The suffix: learned tokens after the prompt; the LLM's output at the last one is the embedding.
         self.suffix_tokens = nn.Parameter(torch.randn(self.n_suffix, llm_size) * token_scale)  # [n_suffix, d_llm]
 
-        # 5. The item matrix (unit rows; row 0, padding, stays zero): refreshed in stage 1, frozen in stage 2.
-        # Buffers, so that a checkpoint holds the matrix it scores with and whether its weights made that matrix.
-        self.register_buffer("item_matrix", torch.zeros(self.n_items, llm_size))  # [n_items, d_llm]
-        self.register_buffer("item_matrix_is_current", torch.tensor(False))  # no weight changed since it was made
+        # 5. The item matrix: refreshed in stage 1, frozen in stage 2.
+        self.register_item_matrix(llm_size, item_text.lengths)
         self.register_buffer("evaluation_routed_users", torch.zeros(self.n_experts), persistent=False)  # [K]
 
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        llm_parameters = sum(p.numel() for p in self.llm.model.parameters())
-        logger.info(
+        trainable, _ = count_parameters(self)
+        _, llm_parameters = count_parameters(self.llm.model)
+        getLogger().info(
             f"Laser trains {trainable:,} parameters (M-Former, experts, router, prefix map, suffix), "
             f"{100 * trainable / llm_parameters:.2f}% of the LLM's {llm_parameters:,}"
         )
+
+    @classmethod
+    def check_settings(cls, config, dataset):
+        super().check_settings(config, dataset)
+        for key, choices in (("prefix_mode", PREFIX_MODES), ("item_prefix", ITEM_PREFIXES)):
+            require(config, key, config[key] in choices, f"use one of {', '.join(choices)}")
+        require(config, "n_query", config["n_query"] >= 1, "the prefix needs at least 1 query token")
+        require(config, "n_experts", config["n_experts"] >= 1, "the M-Former needs at least 1 query expert")
+        require(config, "router_top_k", 1 <= config["router_top_k"] <= config["n_experts"],
+                f"it must be between 1 and n_experts ({config['n_experts']})")
+        require(config, "mformer_hidden", config["mformer_hidden"] % config["mformer_heads"] == 0,
+                f"it must be divisible by mformer_heads ({config['mformer_heads']}): change one of them")
+        require(config, "n_mformer_layers", config["n_mformer_layers"] >= 1, "use at least 1 block")
+        require(config, "cross_attention_freq", config["cross_attention_freq"] >= 1, "use at least 1")
+        require(config, "n_suffix", config["n_suffix"] >= 1, "embeddings are read at a suffix, use 1 or more")
+        require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
+
+    @classmethod
+    def reads_cf_model(cls, config):
+        return config["prefix_mode"] == "mformer"
 
     def _prompt_assembler(self, config, item_text, n_prefix):
         return PromptAssembler(
@@ -113,8 +118,8 @@ class Laser(LLMSequentialRecommender):
             self.llm.tokenizer,
             head=config["prompt_head"],
             item_marker=config["prompt_item_marker"],
-            item_separator=config["prompt_item_separator"] or "",
-            tail=config["prompt_tail"] or "",
+            item_separator=config["prompt_item_separator"],
+            tail=config["prompt_tail"],
             max_prompt_items=config["max_prompt_items"],
             n_prefix=n_prefix,
             n_suffix=self.n_suffix,
@@ -122,6 +127,15 @@ class Laser(LLMSequentialRecommender):
 
     def frozen_modules(self):
         return [self.cf_encoder] if self.prefix_mode == "mformer" else []
+
+    # ---- The frozen LLM's pieces: input embeddings, decoder ------------------------------------------------------
+
+    def input_embeddings(self):
+        return self.llm.input_embeddings()
+
+    def last_hidden_states(self, inputs_embeds, attention_mask, position_ids):
+        """The decoder's states [B, T, d_llm] (layer llm_layers when set)."""
+        return last_hidden_states(self.run_decoder, inputs_embeds, attention_mask, position_ids)
 
     # ---- Prefix: the M-Former over the CF encoder's states C_u -------------------------------------------------
 
@@ -139,14 +153,9 @@ class Laser(LLMSequentialRecommender):
     def suffix_output(self, prompt_assembler, item_seq, item_len, prefix):
         """The LLM's last-layer output (layer llm_layers when set) at each prompt's last suffix token: [B, d_llm]."""
         prompt = prompt_assembler.assemble(
-            item_seq, item_len, self.llm.input_embeddings(), prefix=prefix, suffix=self.suffix_tokens
+            item_seq, item_len, self.input_embeddings(), prefix=prefix, suffix=self.suffix_tokens
         )
-        hidden = self.run_llm(
-            inputs_embeds=prompt.inputs_embeds,
-            attention_mask=prompt.attention_mask,
-            position_ids=prompt.position_ids,
-            use_cache=False,
-        ).last_hidden_state.to(prompt.inputs_embeds.device)  # [B, T, d_llm] (an LLM over several GPUs ends on the last)
+        hidden = self.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
         rows = torch.arange(len(hidden), device=hidden.device)
         return hidden[rows, prompt.suffix_positions[:, -1]].float()
 
@@ -160,23 +169,6 @@ class Laser(LLMSequentialRecommender):
         item_seq, item_len = self.item_prompt.item_only(items)
         prefix = self.history_prefix(item_seq, item_len)[0] if self.item_prefix == "mformer" else None
         return self.suffix_output(self.item_prompt, item_seq, item_len, prefix)
-
-    @torch.no_grad()
-    def compute_item_matrix(self):
-        """Every item's unit-norm embedding with the current weights, batched, without gradient: [n_items, d_llm]."""
-        was_training = self.training
-        self.eval()  # the matrix is a fixed target: no dropout in it
-        items = self.item_prompt.by_text_length(torch.arange(1, self.n_items, device=self.item_matrix.device))
-        embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
-        self.train(was_training)
-        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings, dim=-1))
-
-    def refresh_item_matrix(self):
-        """Recompute the item matrix, unless no weight changed since it was computed (e.g. a stage-1 epoch right
-        after a validation, or a checkpoint reloaded with the matrix its weights made)."""
-        if not self.item_matrix_is_current:
-            self.item_matrix.copy_(self.compute_item_matrix())
-            self.item_matrix_is_current.fill_(True)
 
     def scores(self, user_embedding, item_matrix):
         """cos(h_u, h_i) / tau [B, n] for the rows of a unit-norm item matrix; the padding item is never a candidate."""
@@ -203,7 +195,7 @@ class Laser(LLMSequentialRecommender):
 
     def begin_evaluation(self):
         if self.stage != FROZEN_ITEMS:
-            self.refresh_item_matrix()  # once, reused by every user batch
+            super().begin_evaluation()
         self.evaluation_routed_users.zero_()
 
     def end_evaluation(self):
@@ -219,7 +211,7 @@ class Laser(LLMSequentialRecommender):
 
     def calculate_loss(self, interaction):
         """Cross-entropy of the next item over all items, and lambda * the load-balancing term."""
-        self.item_matrix_is_current.fill_(False)  # an optimizer step follows
+        self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
         scores = self.scores(user_embedding, self.item_matrix)  # [B, n_items]
@@ -237,49 +229,3 @@ class Laser(LLMSequentialRecommender):
         if routing is not None:
             self.evaluation_routed_users += routing.chosen.sum(0)
         return self.scores(user_embedding, self.item_matrix)  # [B, n_items]
-
-
-def llm_decoder(backbone, n_layers):
-    """The frozen LLM without its LM head, through only its first `n_layers` blocks when n_layers is set (a CPU
-    budget option): a shallow copy with a cut block list that shares every weight, so the cached LLM stays whole."""
-    if not n_layers:
-        return backbone.transformer()
-    decoder, blocks_name, first_blocks = decoder_blocks(backbone.model, n_layers, backbone.name)
-    first_layers = copy.copy(decoder)
-    first_layers._modules = {**decoder._modules, blocks_name: first_blocks}
-    getLogger().info(f"Laser reads the output of the first {n_layers} layers of {backbone.name}")
-    return first_layers
-
-
-def check_hyper_parameters(config):
-    """One-line errors for settings out of range, before anything costly is built."""
-
-    def require(condition, message):
-        if not condition:
-            raise RecBoleLLMError(message)
-
-    for key, choices in (("prefix_mode", PREFIX_MODES), ("item_prefix", ITEM_PREFIXES)):
-        require(config[key] in choices, f"{key} is {config[key]!r}: use one of {', '.join(choices)}")
-    require(config["n_query"] >= 1, f"n_query is {config['n_query']}: the prefix needs at least 1 query token")
-    require(config["n_experts"] >= 1, f"n_experts is {config['n_experts']}: the M-Former needs at least 1 query expert")
-    require(
-        1 <= config["router_top_k"] <= config["n_experts"],
-        f"router_top_k is {config['router_top_k']}: it must be between 1 and n_experts ({config['n_experts']})",
-    )
-    require(
-        config["mformer_hidden"] % config["mformer_heads"] == 0,
-        f"mformer_hidden ({config['mformer_hidden']}) is not divisible by mformer_heads ({config['mformer_heads']}): "
-        "change one of them",
-    )
-    require(config["n_mformer_layers"] >= 1, f"n_mformer_layers is {config['n_mformer_layers']}: use at least 1 block")
-    require(
-        config["cross_attention_freq"] >= 1, f"cross_attention_freq is {config['cross_attention_freq']}: use at least 1"
-    )
-    require(config["n_suffix"] >= 1, f"n_suffix is {config['n_suffix']}: embeddings are read at a suffix, use 1+")
-    require(config["tau"] > 0, f"tau is {config['tau']}: the cosine temperature must be positive")
-    require(
-        "{index}" in (config["prompt_item_marker"] or ""),
-        f"prompt_item_marker {config['prompt_item_marker']!r} has no {{index}}: number items, e.g. ' >> {{index}}.'",
-    )
-    for key in ("stage1_epochs", "stage2_epochs"):
-        require(config[key] >= 0, f"{key} is {config[key]}: use 0 to skip the stage, or more")

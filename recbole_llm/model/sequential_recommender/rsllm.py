@@ -5,7 +5,7 @@ each item's title (the unified prompt), so the user's behaviour reads as a langu
 with LoRA on a language-modeling loss (write the next item's title) plus two InfoNCE losses: user state vs. next
 item, and projected ID vs. title. Stage 1 trains on text-only prompts, stage 2 on unified prompts. The model ranks
 all items with its user state against an item tower (RecBole's full ranking), and can pick one of 20 candidates by
-writing its title (LLaRA's protocol, run by RSLLMTrainer).
+writing its title (LLaRA's protocol, recbole_llm.candidate_evaluation).
 """
 
 import copy
@@ -18,13 +18,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.llm import load_llm
-from recbole_llm.llm.backbone import decoder_blocks
+from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
+from recbole_llm.llm.backbone import cut_layers, last_hidden_states, llm_from_config
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
-from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
-from recbole_llm.model.collaborative import CollaborativeEncoder, load_given_checkpoint
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
+from recbole_llm.model.collaborative import CollaborativeEncoder
 from recbole_llm.model.layers import Projector
 
 TEXT_ONLY, UNIFIED = "text_only", "unified"  # the two stages, and the two kinds of prompt they train on
@@ -37,27 +36,17 @@ class RSLLM(LLMSequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        # Bad settings fail before the costly parts: loading the LLM, training the CF model.
-        check_hyper_parameters(config)
-        item_texts = item_texts_from_config(config, dataset)
-        load_given_checkpoint(config, dataset)
+        item_texts = item_texts_from_config(config, dataset, title_only=config["item_title_only"])
         user_head, user_tail = template_parts(config, "prompt_template", "history")
         item_head, item_tail = template_parts(config, "item_prompt_template", "item")
         candidate_head, candidate_middle, candidate_tail = template_parts(
             config, "candidate_prompt_template", "history", "candidates"
         )
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
-        self.item_batch_size = config["item_batch_size"]
+        self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
-        # 3. The LLM, tuned with LoRA; its base weights stay frozen. Built first, so that lora_target_modules that
-        # fit no layer and prompts too long for the LLM fail before the CF model trains.
-        backbone = load_llm(
-            config["llm_path"],
-            self.device,
-            config["llm_dtype"] or "auto",
-            bool(config["gradient_checkpointing"]),
-            config["llm_device_map"],
-        )
+        # 3. The LLM, tuned with LoRA; its base weights stay frozen.
+        backbone = llm_from_config(config)
         self.tokenizer = backbone.tokenizer
         self.llm = with_lora(backbone.model, config)
 
@@ -70,25 +59,50 @@ class RSLLM(LLMSequentialRecommender):
         )
         self.candidate_list_prompts = self.prompt_pair(config, item_text, "", candidate_tail, config["n_candidates"])
         self.register_buffer("title_ids", item_text.token_ids, persistent=False)  # [n_items, max_item_tokens]
-        self.register_buffer("title_lengths", item_text.lengths, persistent=False)  # [n_items]
         titles = [ids[:n] for ids, n in zip(item_text.token_ids.tolist(), item_text.lengths.tolist())]
         self.item_names = [name.strip() for name in self.tokenizer.batch_decode(titles)]  # as the LLM reads them
         self.max_answer_tokens = int(item_text.lengths.max()) + 1  # the longest title and the end token
         self.fit_prompts_to_context(config, backbone)
 
         # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space.
-        self.cf_encoder = CollaborativeEncoder(config, dataset)
         self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
 
         # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
         self.title_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
 
-        self.item_matrix = None  # [n_items, d_llm] unit rows, computed by begin_evaluation when the weights changed
-        self.item_matrix_weights = None  # the stage and trainable weights item_matrix was computed with
+        # 6a. The item matrix of full ranking: the item tower of every item, once per evaluation.
+        self.register_item_matrix(backbone.hidden_size, item_text.lengths)
         self.set_stage(TEXT_ONLY)  # usable before any training stage ran, e.g. right after loading a checkpoint
-        lora_parameters = sum(p.numel() for p in self.llm.parameters() if p.requires_grad)
+        lora_parameters, _ = count_parameters(self.llm)
         getLogger().info(f"RSLLM: LoRA adapters with {lora_parameters:,} parameters on {config['lora_target_modules']}")
+
+    @classmethod
+    def check_settings(cls, config, dataset):
+        super().check_settings(config, dataset)
+        require(config, "lora_r", is_int(config["lora_r"]) and config["lora_r"] > 0,
+                "it must be a positive integer (the LoRA rank)")
+        require(config, "lora_alpha", is_number(config["lora_alpha"]) and config["lora_alpha"] > 0,
+                "it must be positive")
+        dropout = config["lora_dropout"]
+        require(config, "lora_dropout", is_number(dropout) and 0 <= dropout < 1, "it must be in [0, 1)")
+        require(config, "lora_target_modules", bool(config["lora_target_modules"]),
+                "name LLM modules, e.g. [q_proj, v_proj]")
+        for key in ("alpha", "beta"):
+            require(config, key, is_number(config[key]) and config[key] >= 0, "it must be a loss weight >= 0")
+        require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
+        require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
+                "it must be an integer >= 2")
+        users = config["n_candidate_users"]
+        require(config, "n_candidate_users", users is None or is_int(users) and users > 0,
+                "it must be a positive integer, or None for every test user")
+        template_parts(config, "prompt_template", "history")
+        template_parts(config, "item_prompt_template", "item")
+        template_parts(config, "candidate_prompt_template", "history", "candidates")
+
+    @classmethod
+    def reads_cf_model(cls, config):
+        return True
 
     def prompt_pair(self, config, item_text, head, tail, max_items):
         """The text-only and the unified assembler of one template: the same words, without and with ID slots."""
@@ -98,7 +112,7 @@ class RSLLM(LLMSequentialRecommender):
                 self.tokenizer,
                 head=head,
                 item_marker=config["prompt_item_marker"],
-                item_separator=config["prompt_item_separator"] or "",
+                item_separator=config["prompt_item_separator"],
                 tail=tail,
                 max_prompt_items=max_items,
                 use_slots=stage == UNIFIED,
@@ -131,19 +145,17 @@ class RSLLM(LLMSequentialRecommender):
 
     # ---- The LLM's pieces: input embeddings, decoder, LM head ------------------------------------------------
 
-    def embed_tokens(self):
+    def input_embeddings(self):
         return self.llm.get_input_embeddings()
 
-    def last_hidden(self, inputs_embeds, attention_mask, position_ids):
+    def last_hidden_states(self, inputs_embeds, attention_mask, position_ids):
         """The decoder's last-layer states [B, T, d_llm], without the LM head's vocabulary logits."""
         decoder = self.llm.get_base_model().get_decoder()
-        return decoder(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state.to(inputs_embeds.device)  # an LLM spread over several GPUs ends on the last
+        return last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids)
 
     def prompt_state(self, prompt):
         """The LLM's state at the last prompt position [B, d_llm] (prompts are left-padded, so column -1)."""
-        return self.last_hidden(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)[:, -1].float()
+        return self.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)[:, -1].float()
 
     # ---- 1. + 2. Projected IDs in the prompts ------------------------------------------------------------------
 
@@ -156,35 +168,36 @@ class RSLLM(LLMSequentialRecommender):
     def user_prompt(self, item_seq, item_len):
         """The stage's prompt of each history: titles, with ID slots in the unified stage."""
         return self.user_prompts[self.stage].assemble(
-            item_seq, item_len, self.embed_tokens(), slots=self.id_slots(item_seq, self.stage)
+            item_seq, item_len, self.input_embeddings(), slots=self.id_slots(item_seq, self.stage)
         )
 
     def item_states(self, items, stage):
         """The LLM's state of each item [N, d_llm], written alone as `<title> [ITEM]` (unified) or `<title>`."""
         item_seq, item_len = self.item_prompts[stage].item_only(items)  # [N, 1], [N]
         slots = self.id_slots(item_seq, stage)
-        prompt = self.item_prompts[stage].assemble(item_seq, item_len, self.embed_tokens(), slots=slots)
+        prompt = self.item_prompts[stage].assemble(item_seq, item_len, self.input_embeddings(), slots=slots)
         return self.prompt_state(prompt)
 
-    def item_tower(self, items):
-        """Item embeddings [N, d_llm] that user states are scored against: the stage's item prompt -> state head."""
+    def item_embedding(self, items):
+        """The item tower [N, d_llm], which user states are scored against: the stage's item prompt -> state head."""
         return self.state_head(self.item_states(items, self.stage))
 
     # ---- 4. Losses: L = L_lm + alpha * L_user_item + beta * L_id_text ------------------------------------------
 
     def calculate_loss(self, interaction):
         """(L_lm, alpha * L_user_item) in stage 1; (L_lm, alpha * L_user_item, beta * L_id_text) in stage 2."""
+        self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         next_items = interaction[self.POS_ITEM_ID]  # [B]
         prompt = self.user_prompt(item_seq, item_len)
         inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
-        hidden = self.last_hidden(inputs_embeds, attention_mask, position_ids)  # [B, T + answer, d_llm]
+        hidden = self.last_hidden_states(inputs_embeds, attention_mask, position_ids)  # [B, T + answer, d_llm]
         lm_loss = self.language_modeling_loss(hidden, labels)
 
         # the answer comes after the prompt, so the causal LLM's state at the last prompt position ignores it
         user_states = self.state_head(hidden[:, prompt.inputs_embeds.shape[1] - 1].float())  # [B, d_llm]
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
-        user_item_loss = info_nce(user_states, self.item_tower(items), next_index, self.tau)
+        user_item_loss = info_nce(user_states, self.item_embedding(items), next_index, self.tau)
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
@@ -196,13 +209,13 @@ class RSLLM(LLMSequentialRecommender):
     def with_answer(self, prompt, items):
         """The prompt followed by each item's title and the end token, and the LM labels: -100 everywhere but on
         the answer's tokens. Returns inputs_embeds [B, T + A, d], attention_mask, position_ids and labels [B, T + A]."""
-        answer_length = int(self.title_lengths[items].max()) + 1
-        title_lengths = self.title_lengths[items, None]  # [B, 1]
+        answer_length = int(self.item_text_lengths[items].max()) + 1
+        title_lengths = self.item_text_lengths[items, None]  # [B, 1]
         answer_ids = F.pad(self.title_ids[items, : answer_length - 1], (0, 1), value=self.tokenizer.pad_token_id)
         answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [B, A] title, end, padding
         in_answer = torch.arange(answer_length, device=items.device) <= title_lengths  # [B, A]
 
-        inputs_embeds = torch.cat([prompt.inputs_embeds, self.embed_tokens()(answer_ids)], dim=1)
+        inputs_embeds = torch.cat([prompt.inputs_embeds, self.input_embeddings()(answer_ids)], dim=1)
         attention_mask = torch.cat([prompt.attention_mask, in_answer.long()], dim=1)
         answer_positions = prompt.position_ids[:, -1:] + 1 + torch.arange(answer_length, device=items.device)
         position_ids = torch.cat([prompt.position_ids, answer_positions], dim=1)
@@ -229,6 +242,8 @@ class RSLLM(LLMSequentialRecommender):
             raise RecBoleLLMError(
                 f"RSLLM has no stage '{name}' (its stages: {TEXT_ONLY}, {UNIFIED}): the checkpoint is not RSLLM's"
             )
+        if name != self.stage:
+            self.item_matrix_outdated()  # the item tower reads the stage's prompts
         super().set_stage(name)
         # text-only prompts have no ID slots and L_id_text is off: projector and title head get no update
         self.projector.requires_grad_(name == UNIFIED)
@@ -236,35 +251,17 @@ class RSLLM(LLMSequentialRecommender):
 
     # ---- 6a. Full ranking: user state . item tower of all items --------------------------------------------------
 
-    @torch.no_grad()
-    def begin_evaluation(self):
-        self.eval()  # the trainer switches to eval mode only after this hook: no dropout in the item matrix
-        weights = (self.stage, self.checkpoint_state_dict())
-        if self.item_matrix is not None and same_weights(weights, self.item_matrix_weights):
-            return  # e.g. the test right after the last validation, with the best weights still loaded
-        # items of one text length batched together pad little; row 0 (padding) stays zero
-        items = torch.arange(1, self.n_items, device=self.title_ids.device)
-        items = self.item_prompts[self.stage].by_text_length(items)
-        rows = F.normalize(torch.cat([self.item_tower(batch) for batch in items.split(self.item_batch_size)]), dim=-1)
-        self.item_matrix = rows.new_zeros(self.n_items, rows.shape[1]).index_copy(0, items, rows)  # [n_items, d_llm]
-        self.item_matrix_weights = (self.stage, {name: tensor.clone() for name, tensor in weights[1].items()})
-
     def user_states(self, interaction):
         """Unit-norm user states [B, d_llm] of the histories of a batch."""
         prompt = self.user_prompt(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return F.normalize(self.state_head(self.prompt_state(prompt)), dim=-1)
 
-    def scored_item_matrix(self):
-        if self.item_matrix is None:
-            raise RecBoleLLMError("RSLLM scores against its item matrix: call model.begin_evaluation() first")
-        return self.item_matrix
-
     def predict(self, interaction):
-        item_rows = self.scored_item_matrix()[interaction[self.ITEM_ID]]  # [B, d_llm]
+        item_rows = self.item_matrix[interaction[self.ITEM_ID]]  # [B, d_llm]
         return (self.user_states(interaction) * item_rows).sum(-1) / self.tau
 
     def full_sort_predict(self, interaction):
-        return self.user_states(interaction) @ self.scored_item_matrix().T / self.tau  # [B, n_items]
+        return self.user_states(interaction) @ self.item_matrix.T / self.tau  # [B, n_items]
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
 
@@ -272,10 +269,10 @@ class RSLLM(LLMSequentialRecommender):
     def answer_candidates(self, item_seq, item_len, candidates):
         """Greedy answers (strings) to the prompt listing each history [B, L] and its candidates [B, C]."""
         history = self.candidate_history_prompts[self.stage].assemble(
-            item_seq, item_len, self.embed_tokens(), slots=self.id_slots(item_seq, self.stage)
+            item_seq, item_len, self.input_embeddings(), slots=self.id_slots(item_seq, self.stage)
         )
         listing = self.candidate_list_prompts[self.stage].assemble(
-            candidates, torch.full_like(candidates[:, 0], candidates.shape[1]), self.embed_tokens(),
+            candidates, torch.full_like(candidates[:, 0], candidates.shape[1]), self.input_embeddings(),
             slots=self.id_slots(candidates, self.stage),
         )
         inputs_embeds, attention_mask = joined(history, listing)
@@ -288,14 +285,6 @@ class RSLLM(LLMSequentialRecommender):
             pad_token_id=self.tokenizer.pad_token_id,
         )  # [B, <= max_answer_tokens]: only the new tokens, as the prompt was given as embeddings
         return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-
-
-def same_weights(first, second):
-    """Whether two (stage, state dict) pairs are equal, tensor by tensor."""
-    (stage, weights), (other_stage, other_weights) = first, second or (None, {})
-    return stage == other_stage and weights.keys() == other_weights.keys() and all(
-        torch.equal(weights[name], other_weights[name]) for name in weights
-    )
 
 
 def info_nce(queries, keys, positives, tau):
@@ -346,22 +335,11 @@ def with_lora(model, config):
     return tuned
 
 
-def cut_layers(model, n_layers, llm_name):
-    """Keep the first n_layers blocks of a causal LM (a CPU-budget option): its LM head then reads block n_layers,
-    for every use of the model, generation included."""
-    decoder, blocks_name, first_blocks = decoder_blocks(model, n_layers, llm_name)
-    setattr(decoder, blocks_name, first_blocks)
-    model.config.num_hidden_layers = n_layers  # the decoder loops over this many blocks; caches are sized by it
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:n_layers]
-    getLogger().info(f"RSLLM runs the first {n_layers} layers of {llm_name}")
-
-
 def template_parts(config, key, *placeholders):
     """The text around the placeholders of a prompt template, which must hold each once and in this order:
     ('A{history}B{candidates}C', history, candidates) -> ['A', 'B', 'C']."""
-    template, parts = config[key] or "", []
-    rest = template
+    template, parts = config[key], []
+    rest = template if isinstance(template, str) else ""
     for name in placeholders:
         placeholder = "{" + name + "}"
         if rest.count(placeholder) != 1:
@@ -370,39 +348,3 @@ def template_parts(config, key, *placeholders):
         before, rest = rest.split(placeholder)
         parts.append(before)
     return [*parts, rest]
-
-
-def check_hyper_parameters(config):
-    """One-line errors for settings out of range, before anything costly is built."""
-
-    def require(condition, key, requirement):
-        if not condition:
-            raise RecBoleLLMError(f"{key} is {config[key]!r}: it must be {requirement}")
-
-    def is_number(value):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def is_int(value):
-        return is_number(value) and isinstance(value, int)
-
-    require(is_int(config["lora_r"]) and config["lora_r"] > 0, "lora_r", "a positive integer (the LoRA rank)")
-    require(is_number(config["lora_alpha"]) and config["lora_alpha"] > 0, "lora_alpha", "positive")
-    dropout = config["lora_dropout"]
-    require(is_number(dropout) and 0 <= dropout < 1, "lora_dropout", "in [0, 1)")
-    require(bool(config["lora_target_modules"]), "lora_target_modules", "names of LLM modules, e.g. [q_proj, v_proj]")
-    for key in ("alpha", "beta"):
-        require(is_number(config[key]) and config[key] >= 0, key, "a loss weight >= 0")
-    require(is_number(config["tau"]) and config["tau"] > 0, "tau", "a positive temperature")
-    for key in ("stage1_epochs", "stage2_epochs"):
-        require(is_int(config[key]) and config[key] >= 0, key, "an integer >= 0 (0 skips the stage)")
-    require(
-        config["llm_layers"] is None or is_int(config["llm_layers"]) and config["llm_layers"] > 0,
-        "llm_layers", "a positive number of layers, or None for all of them",
-    )
-    for key in ("max_prompt_items", "item_batch_size"):
-        require(is_int(config[key]) and config[key] > 0, key, "a positive integer")
-    require(is_int(config["n_candidates"]) and config["n_candidates"] >= 2, "n_candidates", "an integer >= 2")
-    require(
-        config["n_candidate_users"] is None or is_int(config["n_candidate_users"]) and config["n_candidate_users"] > 0,
-        "n_candidate_users", "a positive integer, or None for every test user",
-    )
