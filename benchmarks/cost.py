@@ -1,7 +1,7 @@
 """Cost benchmark: what training, evaluation and a checkpoint of each model cost, and for the LLM models where a
 training step's time goes, against the floor of the bare frozen LLM on the same batches.
 
-    python benchmarks/cost.py --profile=cpu [--out=benchmarks/results] [--key=value ...]
+    python -m benchmarks.cost --profile=cpu [--out=benchmarks/results] [--key=value ...]
 
 Each row of the profile's `cost` section runs in a fresh process (forked from a server that has only imported the
 libraries), so that its peak memory and time to first batch are its own. In it, the model trains with its trainer's
@@ -39,27 +39,25 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
-# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from recbole.data import create_dataset, data_preparation  # noqa: E402
-from recbole.utils import init_logger, init_seed  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import numpy as np
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.profile import benchmark_settings  # noqa: E402
-from benchmarks.report import markdown_table, run_script, saved_figure  # noqa: E402
-from benchmarks.report import write_csv, write_page  # noqa: E402
-from recbole_llm.config import Config  # noqa: E402
-from recbole_llm.errors import RecBoleLLMError  # noqa: E402
-from recbole_llm.model.abstract_recommender import LLMSequentialRecommender  # noqa: E402
-from recbole_llm.model.sequential_recommender.laser import Laser  # noqa: E402
-from recbole_llm.model.sequential_recommender.rsllm import RSLLM  # noqa: E402
-from recbole_llm.utils import get_model, get_trainer  # noqa: E402
+from benchmarks.report import run_script, saved_figure, write_page
+from benchmarks.settings import benchmark_settings
+from recbole_llm.comparison import markdown_table, write_csv
+from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.model.sequential_recommender.laser import Laser
+from recbole_llm.model.sequential_recommender.rsllm import RSLLM
+from recbole_llm.quick_start import build_model
+from recbole_llm.utils import get_trainer
 
 LLM_RANGE = "frozen LLM"  # the profiler range around each forward of the LLM's modules
 # dense bf16 peak TFLOP/s by a part of the GPU's name (SXM boards; H200 has H100's compute)
@@ -87,7 +85,7 @@ def llm_parts(model):
     """The frozen LLM modules a model runs, its decoder first: Laser's decoder (cut to llm_layers; Laser reads hidden
     states, not logits), RSLLM's LoRA-wrapped decoder and LM head. Empty for a model without an LLM."""
     if isinstance(model, Laser):
-        return [model.run_llm.__self__]  # run_llm is the decoder's __call__, held so it is no submodule
+        return [model.run_decoder.__self__]  # run_decoder is the decoder's __call__, held so it is no submodule
     if isinstance(model, RSLLM):
         return [model.llm.get_base_model().get_decoder(), model.llm.get_output_embeddings()]
     return []
@@ -232,8 +230,7 @@ def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     train_data, valid_data, _ = data_preparation(config, create_dataset(config))
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = build_model(config, train_data._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     device, parts = config["device"], llm_parts(model)
     on_cpu = device.type == "cpu"
@@ -361,7 +358,7 @@ def _send_result(sender, function, args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    profile, out, stamp = benchmark_settings("cost.py", argv)
+    profile, out, stamp = benchmark_settings("cost", argv)
     rows = [
         in_fresh_process(measure, label, settings["model"], profile.dataset, profile.run_config(settings),
                          profile.cost_steps, os.getcwd(), torch.get_num_threads())
@@ -404,4 +401,4 @@ def plot_step_breakdown(axis, llm_rows):
 
 
 if __name__ == "__main__":
-    run_script(main, "cost.py")
+    run_script(main, "cost")

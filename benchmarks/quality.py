@@ -1,6 +1,6 @@
 """Quality benchmark: RecBole's baselines, Laser and RSLLM on one dataset, split and seed, ranked over all items.
 
-    python benchmarks/quality.py --profile=cpu [--out=benchmarks/results] [--key=value ...]
+    python -m benchmarks.quality --profile=cpu [--out=benchmarks/results] [--key=value ...]
 
 Runs the profile's `quality` models with run_recbole_llms (each LLM model's CF model gets a row too) and writes
 quality-<profile>.md (stamp and table), .csv (every metric RecBole computed) and .png (NDCG@10 and Recall@10).
@@ -8,15 +8,11 @@ Any other --key=value goes to every run's config, as on run_recbole_llm.py.
 """
 
 import sys
-from pathlib import Path
 
-# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.profile import benchmark_settings  # noqa: E402
-from benchmarks.report import markdown_table, run_script, saved_figure  # noqa: E402
-from benchmarks.report import write_csv, write_page  # noqa: E402
-from recbole_llm.comparison import comparison_rows, with_companions  # noqa: E402
-from recbole_llm.quick_start import run_recbole_llms  # noqa: E402
+from benchmarks.report import run_script, saved_figure, write_page
+from benchmarks.settings import benchmark_settings
+from recbole_llm.comparison import comparison_rows, markdown_table, with_companions, write_csv
+from recbole_llm.quick_start import run_recbole_llms
 
 COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio come from RSLLM's candidate protocol
     "model": "model",
@@ -36,7 +32,7 @@ PLOTTED = {"test ndcg@10": "test NDCG@10", "test recall@10": "test Recall@10"}
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    profile, out, stamp = benchmark_settings("quality.py", argv)
+    profile, out, stamp = benchmark_settings("quality", argv)
     results = run_recbole_llms(
         list(profile.quality), profile.dataset, config_dict=profile.config, model_config_dicts=profile.quality
     )
@@ -65,4 +61,4 @@ def gpu_name():
 
 
 if __name__ == "__main__":
-    run_script(main, "quality.py")
+    run_script(main, "quality")

@@ -1,8 +1,8 @@
 """What every benchmark writes under one file stem: a Markdown page (the stamp, then its tables), a CSV of its rows
-and a PNG figure. The stamp says on what the numbers were measured: machine, library versions, seed, config and
-the machine's load while they were taken (other processes inflate wall-clock timings)."""
+and a PNG figure, the tables and the CSV by recbole_llm.comparison's table writer. The stamp says on what the numbers
+were measured: machine, library versions, seed, config and the machine's load while they were taken (other processes
+inflate wall-clock timings)."""
 
-import csv
 import importlib.metadata
 import os
 import platform
@@ -11,6 +11,8 @@ import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+
+from recbole_llm.errors import RecBoleLLMError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -66,17 +68,16 @@ class Stamp:
 
 def run_script(main, script):
     """A benchmark script's command-line entry: bad input as one line on stderr and exit status 2."""
-    from recbole_llm.errors import RecBoleLLMError  # the scripts put the repository on sys.path first
-
     try:
         main()
     except RecBoleLLMError as error:
-        print(f"{script}: error: {error}", file=sys.stderr)
+        print(f"benchmarks.{script}: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
 def command_line(script, argv):
-    return " ".join(["python", f"benchmarks/{script}", *argv])
+    """How a benchmark was started, for its stamp: `script` is the module's name in benchmarks/ (e.g. quality)."""
+    return " ".join(["python", "-m", f"benchmarks.{script}", *argv])
 
 
 def write_page(stem, title, stamp, sections, gpu_name=None):
@@ -87,31 +88,6 @@ def write_page(stem, title, stamp, sections, gpu_name=None):
     parts += [f"![{title}]({Path(stem).name}.png)", "", CONFIG_MARK, "", "```yaml", stamp.profile.text.strip(), "```",
               "", "</details>", ""]
     Path(f"{stem}.md").write_text("\n".join(parts))
-
-
-def write_csv(stem, rows):
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(f"{stem}.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def markdown_table(rows, columns):
-    """rows (dicts) as a Markdown table of `columns` ({key: heading}); numbers written to a readable precision."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(readable(row.get(key)) for key in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def readable(value):
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, int) or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4f}" if abs(value) < 1 else f"{value:.3g}"  # metrics and shares to 4 decimals
 
 
 @contextmanager

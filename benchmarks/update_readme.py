@@ -1,20 +1,16 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
 summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles.
 
-    python benchmarks/update_readme.py
+    python -m benchmarks.update_readme
 """
 
 import itertools
 import os
-import sys
-from pathlib import Path
 
-# the repository instead of benchmarks/ (whose profile.py would shadow the standard library's): runs from a checkout
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR, run_script  # noqa: E402
-from recbole_llm.errors import RecBoleLLMError  # noqa: E402
+from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR, run_script
+from recbole_llm.errors import RecBoleLLMError
 
-BEGIN = "<!-- benchmark results: written by `python benchmarks/update_readme.py` from benchmarks/results/ -->"
+BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme` from benchmarks/results/ -->"
 END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "gpu")
 
@@ -27,7 +23,7 @@ def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES)
         page = results_dir / f"{benchmark}-{profile}.md"
         if not page.is_file():
             parts.append(f"*{benchmark.capitalize()}, {profile} profile: not measured yet "
-                         f"(`python benchmarks/{benchmark}.py --profile={profile}`).*\n")
+                         f"(`python -m benchmarks.{benchmark} --profile={profile}`).*\n")
             continue
         summary = page.read_text().split(CONFIG_MARK)[0].strip()
         figure = results_dir / f"{page.stem}.png"
@@ -48,4 +44,4 @@ def update_readme(readme=REPO / "README.md", results_dir=RESULTS_DIR, profiles=P
 
 
 if __name__ == "__main__":
-    run_script(update_readme, "update_readme.py")
+    run_script(update_readme, "update_readme")

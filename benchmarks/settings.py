@@ -1,5 +1,5 @@
-"""Benchmark profiles: YAML files under benchmarks/profiles/ that say on which data, with which settings and which
-runs a benchmark measures.
+"""A benchmark's settings: its profile, a YAML file under benchmarks/profiles/ that says on which data, with which
+settings and which runs it measures, and its command line.
 
 A profile holds ``dataset``; ``config``, the settings of every run (on top of properties/; ``--key=value`` on the
 command line goes on top of it); ``quality``, model -> its own settings; ``cost``, row label -> its own settings
