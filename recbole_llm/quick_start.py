@@ -51,8 +51,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
-    if cpu_budget(config):
-        logger.info(set_color("the default LLM on a CPU", "blue") + f": {cpu_budget(config)} (cpu_budget)")
+    budget = cpu_budget(config)
+    if budget:
+        logger.info(set_color("the default LLM on a CPU", "blue") + f": {budget} (cpu_budget, unless you set them)")
     logger.info(config)
 
     dataset = create_dataset(config)
