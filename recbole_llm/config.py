@@ -103,7 +103,7 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [k for k in config_dict if k not in self.parameters["Dataset"]]
 
     def _init_device(self):
-        """RecBole's devices; a process of a multi-process run (``local_rank`` set by quick_start.run) joins its group."""
+        """RecBole's devices; a process of a multi-process run (``local_rank`` set by quick_start.run) joins a group."""
         if "local_rank" not in self.final_config_dict:
             return super()._init_device()
         join_process_group(self.final_config_dict)

@@ -363,7 +363,8 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
 )
 def test_run_recbole_llm_end_to_end(tiny, tmp_path, ablation):
     cf_checkpoint = cf_checkpoint_of(tiny, ablation.get("cf_model", "SASRec"))
-    config_dict = {**tiny.config_dict, "checkpoint_dir": str(tmp_path / "saved"), "cf_checkpoint": cf_checkpoint, **ablation}
+    config_dict = {**tiny.config_dict, "checkpoint_dir": str(tmp_path / "saved"), "cf_checkpoint": cf_checkpoint}
+    config_dict.update(ablation)
     result = run_recbole_llm(model="Laser", dataset=TINY_DATASET, config_dict=config_dict)
 
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10"}
