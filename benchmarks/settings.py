@@ -2,9 +2,9 @@
 settings and which runs it measures, and its command line.
 
 A profile holds ``dataset``; ``config``, the settings of every run (on top of properties/; ``--key=value`` on the
-command line goes on top of it); ``quality``, model -> its own settings; ``cost``, row label -> its own settings
-(``model:`` names the model when the label is not a model name); and ``cost_steps``, how much the cost benchmark
-measures per row.
+command line goes on top of it); ``quality``, model -> its own settings (the quality and curves benchmarks run
+these); and for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
+is not a model name), and ``cost_steps``, how much it measures per row.
 """
 
 from dataclasses import dataclass
@@ -45,12 +45,13 @@ def load_profile(name_or_path, overrides=None):
         raise RecBoleLLMError(f"profile '{name_or_path}' not found: use one of {known}, or the path of a YAML file")
     text = path.read_text()
     content = yaml.safe_load(text) or {}
-    missing = [key for key in ("dataset", "config", "quality", "cost", "cost_steps") if key not in content]
+    missing = [key for key in ("dataset", "config", "quality") if key not in content]
+    missing += [key for key in ("cost", "cost_steps") if content.get("cost") and key not in content]
     if missing:
         raise RecBoleLLMError(f"profile {path} has no {', '.join(missing)}: see benchmarks/profiles/cpu.yaml")
-    cost = {label: {"model": label, **(settings or {})} for label, settings in content["cost"].items()}
-    steps = {key: content["cost_steps"].get(key) for key in COST_STEPS}
-    wrong = [key for key, count in steps.items() if not isinstance(count, int) or count < (key != "profiled")]
+    cost = {label: {"model": label, **(settings or {})} for label, settings in (content.get("cost") or {}).items()}
+    steps = {key: (content.get("cost_steps") or {}).get(key) for key in COST_STEPS}
+    wrong = [key for key, count in steps.items() if cost and (not isinstance(count, int) or count < (key != "profiled"))]
     if wrong:
         raise RecBoleLLMError(
             f"profile {path}: cost_steps {', '.join(wrong)} must be whole numbers (train and eval at least 1)"

@@ -40,8 +40,9 @@ def build_model(config, dataset):
     return model_class(config, dataset).to(config["device"])
 
 
-def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
-    """Train, validate and test one model; returns RecBole's result dict plus sizes and timings."""
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, callback_fn=None):
+    """Train, validate and test one model; returns RecBole's result dict plus sizes and timings. callback_fn(epoch,
+    valid_score) is called after every validation (RecBole's Trainer.fit argument)."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     resume = resume_file(config)
     if resume:
@@ -71,7 +72,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     train_start = time()
     try:
         best_valid_score, best_valid_result = trainer.fit(
-            train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+            train_data, valid_data, saved=saved, show_progress=config["show_progress"], callback_fn=callback_fn
         )
     except KeyboardInterrupt:
         if trainer.last_checkpoint_file and os.path.isfile(trainer.last_checkpoint_file):
@@ -84,7 +85,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
     return {
-        "companions": [evaluate_collaborative_model(config, model, test_data)] if hasattr(model, "cf_encoder") else [],
+        "companions": [evaluate_collaborative_model(config, model, valid_data, test_data)]
+        if hasattr(model, "cf_encoder") else [],
         "model": config["model"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
@@ -100,16 +102,18 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     }
 
 
-def evaluate_collaborative_model(config, model, test_data):
-    """The frozen CF model an LLM model is built on, scored on the same test users: the number to beat."""
+def evaluate_collaborative_model(config, model, valid_data, test_data):
+    """The frozen CF model an LLM model is built on, scored on the same validation and test users: the number to
+    beat."""
     recommender = model.cf_encoder.recommender
     trainer = get_trainer(config["MODEL_TYPE"], config["cf_model"])(config, recommender)
+    valid_score = trainer.evaluate(valid_data, load_best_model=False)[config["valid_metric"].lower()]
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=False)
     getLogger().info(set_color(f"test result of its {config['cf_model']}", "yellow") + f": {test_result}")
     return {
         "model": f"{config['cf_model']} (CF model of {config['model']})",
-        "best_valid_score": None,
+        "best_valid_score": valid_score,
         "valid_metric": config["valid_metric"],
         "test_result": test_result,
         "trainable_parameters": count_parameters(recommender)[1],  # frozen here, trained before

@@ -238,7 +238,8 @@ def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_throu
     cf_before = {k: v.clone() for k, v in model.cf_encoder.state_dict().items()}
     trainable_before = trainable_state(model)
     assert set(trainable_before) == {
-        name for name, _ in model.named_parameters() if name.startswith(("mformer.", "suffix_tokens"))
+        name for name, _ in model.named_parameters()
+        if name.startswith(("mformer.", "suffix_tokens", "embedding_head."))  # the head: Laser.yaml's default
     }
     model.begin_stage(REFRESHED_ITEMS)
     model.train()
@@ -358,6 +359,7 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
         {"stage1_epochs": 0},
         {"stage2_epochs": 0},
         {"cf_model": "BERT4Rec"},
+        {"embedding_head": "none", "center_embeddings": False},  # the paper's scoring (laser_paper.yaml)
     ],
     ids=lambda ablation: ",".join(f"{k}={v}" for k, v in ablation.items()) or "laser",
 )
@@ -373,7 +375,7 @@ def test_run_recbole_llm_end_to_end(tiny, tmp_path, ablation):
     saved_names = set(checkpoint["state_dict"])
     trained = {"none": ("suffix_tokens",), "free": ("suffix_tokens", "free_prefix")}.get(
         ablation.get("prefix_mode"), ("suffix_tokens", "mformer.")
-    )
+    ) + (("embedding_head.",) if ablation.get("embedding_head", "linear") == "linear" else ())
     assert all(name.startswith(trained) for name in saved_names - {"item_matrix", "item_matrix_is_current"})
     assert os.path.getsize(result["saved_model_file"]) < 1_000_000  # tiny-llama: the item matrix is 221 KB
     if not ablation:  # the checkpoint alone rebuilds the run: data, model, stage and trainable weights

@@ -27,11 +27,12 @@ class Prompt:
 class PromptAssembler(nn.Module):
     """Writes each history, oldest first, as
 
-    `[pad ...] [prefix] head  marker(1) text(1) [slot] separator  marker(2) text(2) [slot] ...  tail [suffix]`
+    `[pad ...] [bos] [prefix] head  marker(1) text(1) [slot] separator  marker(2) text(2) [slot] ...  tail [suffix]`
 
     keeping the most recent `max_prompt_items` items, numbered 1..n in that window (the item marker holds {index}
-    once: the models check their settings). The separator goes between items, not after the last. A module only so
-    that `.to(device)` moves the cached ids.
+    once: the models check their settings). The separator goes between items, not after the last. `bos` is the
+    token the tokenizer itself writes first (Llama's; SmolLM2's and Qwen's write none), before the learned prefix: the
+    LLM was trained with it there. A module only so that `.to(device)` moves the cached ids.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class PromptAssembler(nn.Module):
 
         texts = [head, item_separator, tail] + [item_marker.format(index=k) for k in range(1, max_prompt_items + 1)]
         head_ids, separator_ids, tail_ids, *markers = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        bos_ids = [i for i in tokenizer("", add_special_tokens=True)["input_ids"] if i == tokenizer.bos_token_id]
         marker_lengths = torch.tensor([len(ids) for ids in markers])  # [P]
         marker_ids = torch.full((max_prompt_items, int(marker_lengths.max())), self.pad_token_id)  # [P, M]
         for k, ids in enumerate(markers):
@@ -63,6 +65,7 @@ class PromptAssembler(nn.Module):
         self.slot_offset = marker_ids.shape[1] + item_text.token_ids.shape[1]  # the slot follows marker and text
 
         for name, tensor in [
+            ("bos_ids", torch.tensor(bos_ids, dtype=torch.long)),  # [0 or 1]
             ("head_ids", torch.tensor(head_ids, dtype=torch.long)),  # [H]
             ("separator_ids", torch.tensor(separator_ids, dtype=torch.long)),  # [Sp]
             ("tail_ids", torch.tensor(tail_ids, dtype=torch.long)),  # [Tl]
@@ -78,7 +81,7 @@ class PromptAssembler(nn.Module):
         n_items = torch.arange(1, self.max_prompt_items + 1)
         longest_text = int(self.item_token_valid.sum(1).max())
         per_item = self.marker_valid[: self.max_prompt_items].sum(1).cpu() + longest_text + int(self.use_slots)  # [P]
-        fixed = self.n_prefix + len(self.head_ids) + len(self.tail_ids) + self.n_suffix
+        fixed = len(self.bos_ids) + self.n_prefix + len(self.head_ids) + len(self.tail_ids) + self.n_suffix
         return fixed + per_item.cumsum(0) + (n_items - 1) * len(self.separator_ids)
 
     def item_only(self, items: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -111,22 +114,24 @@ class PromptAssembler(nn.Module):
         segment_ids, segment_valid = self._segments(items, kept, n_kept)  # [B, W, S]
 
         # Left padding: every row ends at T, the longest prompt of the batch, so short histories pay nothing extra.
-        n_before, n_after = self.n_prefix + len(self.head_ids), len(self.tail_ids) + self.n_suffix
+        n_bos = len(self.bos_ids)
+        n_before, n_after = n_bos + self.n_prefix + len(self.head_ids), len(self.tail_ids) + self.n_suffix
         history_ids, history_valid = segment_ids.flatten(1), segment_valid.flatten(1)  # [B, W*S]
         lengths = n_before + history_valid.sum(1) + n_after  # [B]
         prompt_len = int(lengths.max())  # the one host sync: the padded length is a shape
         start = prompt_len - lengths  # [B] first real position
         # each real history token goes right after the real ones before it; the others to a column cut off below
         destination = torch.where(history_valid, start[:, None] + n_before + history_valid.cumsum(1) - 1, prompt_len)
-        head_positions = start[:, None] + self.n_prefix + torch.arange(len(self.head_ids), device=device)  # [B, H]
+        head_positions = start[:, None] + n_bos + self.n_prefix + torch.arange(len(self.head_ids), device=device)  # [B, H]
         input_ids = item_seq.new_full((batch_size, prompt_len + 1), self.pad_token_id)
         input_ids.scatter_(1, destination, history_ids)
         input_ids.scatter_(1, head_positions, self.head_ids.expand(batch_size, -1))
+        input_ids.scatter_(1, start[:, None] + torch.arange(n_bos, device=device), self.bos_ids.expand(batch_size, -1))
         input_ids[:, prompt_len - n_after : prompt_len - self.n_suffix] = self.tail_ids
         input_ids = input_ids[:, :prompt_len]  # [B, T]
         attention_mask = (torch.arange(prompt_len, device=device) >= start[:, None]).long()  # [B, T]
 
-        prefix_positions = start[:, None] + torch.arange(self.n_prefix, device=device)  # [B, n_prefix]
+        prefix_positions = start[:, None] + n_bos + torch.arange(self.n_prefix, device=device)  # [B, n_prefix]
         suffix_positions = torch.arange(prompt_len - self.n_suffix, prompt_len, device=device).expand(batch_size, -1)
         slot_positions = None
         if self.use_slots:

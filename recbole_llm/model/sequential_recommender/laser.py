@@ -5,6 +5,11 @@ CF encoder's states and a learned **suffix** token. The LLM's last-layer output 
 embedding; an item's embedding is the same for the item written as a one-item history. Users score every item by
 cosine / tau. Training runs in two stages: (1) the item matrix is recomputed at the start of every epoch while the
 user side trains against it, (2) the best item matrix is frozen and training goes on.
+
+Beyond the paper, for small LLMs whose outputs all point one way (SmolLM2-135M: items' mean pairwise cosine 0.976,
+so cosine / tau cannot tell items apart): ``center_embeddings`` compares users and items after subtracting the mean
+item row, and ``embedding_head: linear`` maps both through one trainable linear layer (identity at the start), the
+one path by which the item side gets gradient. Both are off in properties/laser_paper.yaml.
 """
 
 from logging import getLogger
@@ -23,6 +28,7 @@ from recbole_llm.model.layers import MFormer
 
 PREFIX_MODES = ("mformer", "free", "none")
 ITEM_PREFIXES = ("mformer", "none")
+EMBEDDING_HEADS = ("none", "linear")
 REFRESHED_ITEMS, FROZEN_ITEMS = "refreshed_items", "frozen_items"
 
 
@@ -38,6 +44,7 @@ class Laser(LLMSequentialRecommender):
         self.router_top_k = config["router_top_k"]
         self.n_suffix = config["n_suffix"]
         self.tau = config["tau"]
+        self.center_embeddings = config["center_embeddings"]
         self.moe_balance_weight = config["moe_balance_weight"]
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
         item_texts = item_texts_from_config(config, dataset)
@@ -81,7 +88,13 @@ class Laser(LLMSequentialRecommender):
         # 4. The suffix: learned tokens after the prompt; the LLM's output at the last one is the embedding.
         self.suffix_tokens = nn.Parameter(torch.randn(self.n_suffix, llm_size) * token_scale)  # [n_suffix, d_llm]
 
-        # 5. The item matrix: refreshed in stage 1, frozen in stage 2.
+        # 5. Beyond the paper: one linear map over user and item embeddings (identity at the start), or none.
+        self.embedding_head = nn.Linear(llm_size, llm_size) if config["embedding_head"] == "linear" else None
+        if self.embedding_head is not None:
+            nn.init.eye_(self.embedding_head.weight)
+            nn.init.zeros_(self.embedding_head.bias)
+
+        # 6. The item matrix: refreshed in stage 1, frozen in stage 2.
         self.register_item_matrix(llm_size, item_text.lengths)
         self.register_buffer("evaluation_routed_users", torch.zeros(self.n_experts), persistent=False)  # [K]
 
@@ -95,7 +108,8 @@ class Laser(LLMSequentialRecommender):
     @classmethod
     def check_settings(cls, config, dataset):
         super().check_settings(config, dataset)
-        for key, choices in (("prefix_mode", PREFIX_MODES), ("item_prefix", ITEM_PREFIXES)):
+        choices_of = (("prefix_mode", PREFIX_MODES), ("item_prefix", ITEM_PREFIXES), ("embedding_head", EMBEDDING_HEADS))
+        for key, choices in choices_of:
             require(config, key, config[key] in choices, f"use one of {', '.join(choices)}")
         require(config, "n_query", config["n_query"] >= 1, "the prefix needs at least 1 query token")
         require(config, "n_experts", config["n_experts"] >= 1, "the M-Former needs at least 1 query expert")
@@ -107,6 +121,7 @@ class Laser(LLMSequentialRecommender):
         require(config, "cross_attention_freq", config["cross_attention_freq"] >= 1, "use at least 1")
         require(config, "n_suffix", config["n_suffix"] >= 1, "embeddings are read at a suffix, use 1 or more")
         require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
+        require(config, "center_embeddings", isinstance(config["center_embeddings"], bool), "use True or False")
 
     @classmethod
     def reads_cf_model(cls, config):
@@ -170,9 +185,25 @@ class Laser(LLMSequentialRecommender):
         prefix = self.history_prefix(item_seq, item_len)[0] if self.item_prefix == "mformer" else None
         return self.suffix_output(self.item_prompt, item_seq, item_len, prefix)
 
-    def scores(self, user_embedding, item_matrix):
-        """cos(h_u, h_i) / tau [B, n] for the rows of a unit-norm item matrix; the padding item is never a candidate."""
-        scores = F.normalize(user_embedding, dim=-1) @ item_matrix.T / self.tau  # [B, n]
+    # ---- Scores: cosine / tau, in the space the switches beyond the paper make ---------------------------------
+
+    def compared(self, unit_rows):
+        """Unit-norm embeddings [N, d] as they are compared: centred on the mean item row and mapped by the
+        embedding head when those switches are on, renormalised. The paper's Laser: unchanged."""
+        if not self.center_embeddings and self.embedding_head is None:
+            return unit_rows
+        if self.center_embeddings:
+            unit_rows = unit_rows - self.item_matrix[1:].mean(0)
+        if self.embedding_head is not None:
+            unit_rows = self.embedding_head(unit_rows)
+        return F.normalize(unit_rows, dim=-1)
+
+    def scores(self, user_embedding):
+        """cos(h_u, h_i) / tau [B, n_items] over all items; the padding item is never a candidate. In fp32, also
+        under bf16 autocast (whose steps at |logit| ~ 20 are 0.125)."""
+        with torch.autocast(user_embedding.device.type, enabled=False):
+            users = self.compared(F.normalize(user_embedding.float(), dim=-1))  # [B, d]
+            scores = users @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
         scores[:, 0] = float("-inf")
         return scores
 
@@ -214,18 +245,19 @@ class Laser(LLMSequentialRecommender):
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
-        scores = self.scores(user_embedding, self.item_matrix)  # [B, n_items]
+        scores = self.scores(user_embedding)  # [B, n_items]
         next_item_loss = F.cross_entropy(scores, interaction[self.POS_ITEM_ID])
         balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
         return next_item_loss, self.moe_balance_weight * balance_loss
 
     def predict(self, interaction):
         user_embedding, _ = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        item_rows = self.item_matrix[interaction[self.ITEM_ID]]  # [B, d_llm]
-        return (F.normalize(user_embedding, dim=-1) * item_rows).sum(-1) / self.tau
+        with torch.autocast(user_embedding.device.type, enabled=False):
+            users = self.compared(F.normalize(user_embedding.float(), dim=-1))  # [B, d]
+            return (users * self.compared(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau  # [B]
 
     def full_sort_predict(self, interaction):
         user_embedding, routing = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         if routing is not None:
             self.evaluation_routed_users += routing.chosen.sum(0)
-        return self.scores(user_embedding, self.item_matrix)  # [B, n_items]
+        return self.scores(user_embedding)  # [B, n_items]

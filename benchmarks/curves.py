@@ -1,0 +1,89 @@
+"""Learning curves: each LLM model's validation NDCG@10 against the training samples it has seen and the wall time,
+with the other models of the run (Pop, SASRec) and the CF model it reads as horizontal lines.
+
+    python -m benchmarks.curves --profile=cpu-long [--out=benchmarks/results] [--key=value ...]
+
+Runs the profile's `quality` models one after the other, as the quality benchmark does. An LLM model validates
+after every epoch of train_batches_per_epoch batches, so its curve has a point every train_batches_per_epoch *
+train_batch_size samples. Writes curves-<profile>.md (stamp, the test table, the curves), .csv (a row per
+validation) and .png (the curves against samples and against minutes).
+"""
+
+import sys
+from time import time
+
+from benchmarks.quality import COLUMNS, gpu_name
+from benchmarks.report import run_script, saved_figure, write_page
+from benchmarks.settings import benchmark_settings
+from recbole_llm.comparison import comparison_rows, markdown_table, with_companions, write_csv
+from recbole_llm.config import Config
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.quick_start import run_recbole_llm
+from recbole_llm.utils import get_model
+
+CURVE_COLUMNS = {"model": "model", "validation": "validation", "samples": "samples seen", "minutes": "minutes",
+                 "valid ndcg@10": "valid NDCG@10"}
+
+
+class Curve:
+    """A callback_fn for Trainer.fit: one point per validation (samples seen, minutes since the run started)."""
+
+    def __init__(self, model, samples_per_epoch):
+        self.model, self.samples_per_epoch = model, samples_per_epoch
+        self.points = []
+        self.start = time()
+
+    def __call__(self, epoch_idx, valid_score):
+        validation = len(self.points) + 1
+        self.points.append({
+            "model": self.model,
+            "validation": validation,
+            "samples": validation * self.samples_per_epoch,
+            "minutes": (time() - self.start) / 60,
+            "valid ndcg@10": valid_score,
+        })
+
+
+def samples_per_epoch(model, dataset, config_dict):
+    """Training samples per (capped) epoch of an LLM model: train_batches_per_epoch * train_batch_size."""
+    config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    return config["train_batches_per_epoch"] * config["train_batch_size"]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    profile, out, stamp = benchmark_settings("curves", argv)
+    curves, results = {}, []
+    for model, settings in profile.quality.items():  # one after the other: each curve's clock starts with its run
+        config_dict = profile.run_config(settings)
+        if issubclass(get_model(model), LLMSequentialRecommender):
+            curves[model] = Curve(model, samples_per_epoch(model, profile.dataset, config_dict))
+        results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=curves.get(model)))
+    rows = comparison_rows(with_companions(results))
+    points = [point for curve in curves.values() for point in curve.points]
+    lines = {row["model"]: row["best valid ndcg@10"] for row in rows if row["model"] not in curves}
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = str(out / f"curves-{profile.name}")
+    write_csv(stem, points)
+    with saved_figure(stem, 2) as axes:
+        for axis, x, label in ((axes[0], "samples", "training samples seen"), (axes[1], "minutes", "minutes")):
+            for curve in curves.values():
+                axis.plot([p[x] for p in curve.points], [p["valid ndcg@10"] for p in curve.points], marker="o",
+                          markersize=3, label=curve.model)
+            for index, (model, score) in enumerate(lines.items()):
+                axis.axhline(score, color=f"C{index + len(curves)}", linestyle="--", label=f"{model} (best)")
+            axis.set_xlabel(label)
+            axis.set_ylabel("valid NDCG@10")
+        axes[0].legend(fontsize=8)
+    title = f"Learning curves: {profile.dataset}, validation NDCG@10, profile {profile.name}"
+    write_page(stem, title, stamp, [
+        ("Test split", markdown_table(rows, {**COLUMNS, "best valid ndcg@10": "best valid NDCG@10"})),
+        ("Validation after every epoch", markdown_table(points, CURVE_COLUMNS)),
+    ], gpu_name=gpu_name())
+    print(f"written: {stem}.md, .csv, .png")
+    return rows, points
+
+
+if __name__ == "__main__":
+    run_script(main, "curves")
