@@ -246,3 +246,14 @@ def test_loads_a_checkpoint_written_by_recboles_stock_trainer(workdir, tiny, mon
     assert torch.equal(encoder.item_embeddings, model.item_embedding.weight.detach())
     item_seq, item_len = batch["item_id_list"], batch["item_length"]
     assert torch.equal(encoder.encode(item_seq, item_len)[2], model.eval()(item_seq, item_len))
+
+
+def test_bert4rec_reads_an_item_written_as_a_one_item_history(bert4rec):
+    """Laser's item prefix: each item alone ([N, 1]) is the item, then the mask token, not the mask token alone."""
+    items = torch.tensor([1, 2, 3])
+    masked_seq, mask_position = bert4rec.with_mask_token(items[:, None], torch.ones_like(items))
+    assert masked_seq.tolist() == [[1, bert4rec.recommender.mask_token], [2, bert4rec.recommender.mask_token],
+                                   [3, bert4rec.recommender.mask_token]]
+    _, valid, last = bert4rec.encode(items[:, None], torch.ones_like(items))
+    assert valid.sum(1).tolist() == [2, 2, 2]
+    assert not torch.allclose(last[0], last[1]) and not torch.allclose(last[1], last[2])  # each item its own state

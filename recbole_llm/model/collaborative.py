@@ -12,6 +12,7 @@ from logging import getLogger
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
@@ -92,7 +93,10 @@ class CollaborativeEncoder(nn.Module):
     def with_mask_token(self, item_seq, item_len):
         """BERT4Rec's input for predicting the next item: the mask token right after the last item [B, L], and its
         position [B]. Only a full history loses its oldest item to make room; RecBole's reconstruct_test_data
-        drops it from every history, which turns a one-item history into the mask token alone."""
+        drops it from every history, which turns a one-item history into the mask token alone. Sequences narrower
+        than the model's length (an item written as a one-item history: [N, 1]) get a column for the mask token."""
+        if item_seq.shape[1] < self.recommender.max_seq_length:
+            item_seq = F.pad(item_seq, (0, 1))
         max_len = item_seq.shape[1]
         full = (item_len >= max_len)[:, None]  # [B, 1]
         shifted = torch.where(full, item_seq.roll(-1, dims=1), item_seq)
