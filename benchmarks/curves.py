@@ -61,7 +61,8 @@ def main(argv=None):
         results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=curves.get(model)))
     rows = comparison_rows(with_companions(results))
     points = [point for curve in curves.values() for point in curve.points]
-    lines = {row["model"]: row["best valid ndcg@10"] for row in rows if row["model"] not in curves}
+    best_valid = f"best valid {results[0]['valid_metric']}"  # NDCG@10 in every profile
+    lines = {row["model"]: row[best_valid] for row in rows if row["model"] not in curves}
 
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"curves-{profile.name}")
@@ -78,7 +79,7 @@ def main(argv=None):
         axes[0].legend(fontsize=8)
     title = f"Learning curves: {profile.dataset}, validation NDCG@10, profile {profile.name}"
     write_page(stem, title, stamp, [
-        ("Test split", markdown_table(rows, {**COLUMNS, "best valid ndcg@10": "best valid NDCG@10"})),
+        ("Test split", markdown_table(rows, {**COLUMNS, best_valid: best_valid})),
         ("Validation after every epoch", markdown_table(points, CURVE_COLUMNS)),
     ], gpu_name=gpu_name())
     print(f"written: {stem}.md, .csv, .png")

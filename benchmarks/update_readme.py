@@ -1,10 +1,10 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
-summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles.
+summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, and of the
+learning curves of the cpu-long profile.
 
     python -m benchmarks.update_readme
 """
 
-import itertools
 import os
 
 from benchmarks.report import CONFIG_MARK, REPO, RESULTS_DIR, run_script
@@ -12,14 +12,16 @@ from recbole_llm.errors import RecBoleLLMError
 
 BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme` from benchmarks/results/ -->"
 END = "<!-- end of benchmark results -->"
-PROFILES = ("cpu", "gpu")
+PROFILES = ("cpu", "cpu-long", "gpu")
+BENCHMARKS = {"cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
 
 
 def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES):
-    """The Markdown between the markers: the quality and cost page of each profile, its summary with headings one
-    level down and its figure linked from the README; a line with the command for a page not written yet."""
+    """The Markdown between the markers: each benchmark page of each profile, its summary with headings one level
+    down and its figure linked from the README; a line with the command for a page not written yet."""
     parts = []
-    for profile, benchmark in itertools.product(profiles, ("quality", "cost")):
+    pages = [(profile, benchmark) for profile in profiles for benchmark in BENCHMARKS.get(profile, ("quality", "cost"))]
+    for profile, benchmark in pages:
         page = results_dir / f"{benchmark}-{profile}.md"
         if not page.is_file():
             parts.append(f"*{benchmark.capitalize()}, {profile} profile: not measured yet "

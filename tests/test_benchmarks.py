@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from benchmarks import cost, quality
+from benchmarks import cost, curves, quality
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import TESTS_DIR, module_workdir
@@ -23,6 +23,7 @@ def out(tmp_path_factory):
         arguments = ["--profile=smoke", f"--out={workdir / 'results'}", f"--data_path={TESTS_DIR}/data"]
         quality.main(arguments)
         cost.main(arguments)
+        curves.main(arguments)
         yield workdir / "results"
 
 
@@ -58,6 +59,17 @@ def test_quality_has_a_row_per_model_and_per_cf_model_with_sane_metrics(out):
     assert 0 <= number(rsllm["test hr@1_candidates"]) <= number(rsllm["test valid_ratio"]) <= 1
     assert rows[0]["test hr@1_candidates"] == ""  # the candidate protocol is RSLLM's alone
     assert_page(out, "quality-smoke", expected)
+
+
+def test_curves_have_a_point_per_validation_of_each_llm_model(out):
+    points = read_rows(out / "curves-smoke.csv")
+    for model in ("Laser", "RSLLM"):  # one epoch of 2 batches of 8 in each of their two stages
+        curve = [point for point in points if point["model"] == model]
+        assert [number(point["samples"]) for point in curve] == [16, 32]
+        assert all(0 <= number(point["valid ndcg@10"]) <= 1 for point in curve)
+        assert 0 < number(curve[0]["minutes"]) < number(curve[1]["minutes"])
+    assert {point["model"] for point in points} == {"Laser", "RSLLM"}  # SASRec: a line, from its best validation
+    assert_page(out, "curves-smoke", ["SASRec", "Laser", "SASRec (CF model of Laser)", "RSLLM"])
 
 
 def test_cost_has_a_row_per_run_with_sane_figures(out):
