@@ -28,7 +28,7 @@ CARRIED_KEYS = ["eval_args", "repeatable", "checkpoint_dir", "gpu_id", "use_gpu"
 NOT_IN_CACHE_KEY = {
     "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
     "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
-    "dataloaders_save_path", "single_spec", "local_rank", "resume", "resume_checkpoint",
+    "dataloaders_save_path", "single_spec", "local_rank", "resume", "resume_checkpoint", "trust_checkpoint",
     "nproc", "world_size", "ip", "port", "offset", "ddp_timeout",  # how a run is spread, not what the model learns
     "item_text_fields", "item_text_template",  # the LLM models' item text, in a dataset's YAML
 }
@@ -90,7 +90,10 @@ def train_into_cache(cf_config, dataset, path):
 def cached_checkpoint_path(cf_config, dataset):
     """``<checkpoint_dir>/cf-<model>-<dataset>-<hash>.pth``, the hash over all that changes the trained model."""
     settings = {key: value for key, value in cf_config.final_config_dict.items() if key not in NOT_IN_CACHE_KEY}
-    settings.update(item_id_fingerprint=item_id_fingerprint(dataset), training_samples=dataset.inter_num)
+    # checkpoint_format: a cache written before checkpoints were data (its Config pickled) is trained again, not reused
+    settings.update(
+        item_id_fingerprint=item_id_fingerprint(dataset), training_samples=dataset.inter_num, checkpoint_format="data"
+    )
     settings_hash = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     file_name = f"cf-{cf_config['model']}-{cf_config['dataset']}-{settings_hash}.pth"
     return os.path.join(cf_config["checkpoint_dir"], file_name)

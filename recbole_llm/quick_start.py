@@ -194,11 +194,13 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     return {key: result[key] for key in ("model", "best_valid_score", "valid_score_bigger", "best_valid_result", "test_result")}
 
 
-def load_data_and_model(model_file):
-    """Rebuild the config, dataset, dataloaders and trained model from a checkpoint written by a run."""
+def load_data_and_model(model_file, trust_checkpoint=False):
+    """Rebuild the config, dataset, dataloaders and trained model from a checkpoint written by a run; a checkpoint
+    that is not plain data (one of RecBole's own trainer) only with trust_checkpoint."""
     restore_numpy_aliases()  # RecBole's metrics and data code need them, and no Config was built in this process yet
-    checkpoint = load_checkpoint(model_file)
+    checkpoint = load_checkpoint(model_file, trust_checkpoint=trust_checkpoint)
     config = single_process(checkpoint["config"])
+    config["trust_checkpoint"] = trust_checkpoint  # the caller's consent, not the file's, covers its cf_checkpoint
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     dataset = create_dataset(config)

@@ -5,6 +5,7 @@ Beside the best checkpoint ``<name>.pth`` (written when validation improves) the
 overwritten after every epoch with everything the next epoch depends on: weights, optimizer and scheduler state,
 stage, epoch, early-stopping counter, best score and result, and the random state (Python, NumPy, torch, CUDA and the
 training dataloader's shuffle generator). Resuming from it replays the rest of the run as if it had never stopped.
+Like every checkpoint it is plain data (recbole_llm.checkpoint): the random states are tensors, tuples and lists.
 """
 
 import os
@@ -34,11 +35,17 @@ def random_state(train_data):
     """Every random state the next epoch draws from; train_data's generator decides its shuffle order."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_random_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "train_data": train_data.generator.get_state() if train_data is not None else None,
     }
+
+
+def numpy_random_state():
+    """NumPy's random state with its key array as a list: torch's safe loader reads it, np.random.set_state takes it."""
+    name, keys, *position = np.random.get_state()
+    return (name, keys.tolist(), *position)
 
 
 def restore_random_state(state, train_data):
@@ -54,7 +61,7 @@ def restore_random_state(state, train_data):
 def read_resume_checkpoint(path, config):
     """The checkpoint at ``path``, refused in one line unless this plugin's trainer wrote it for this model and
     dataset and the best checkpoint it continues is still there."""
-    checkpoint = load_checkpoint(str(path))
+    checkpoint = load_checkpoint(str(path), trust_checkpoint=config["trust_checkpoint"])
     if not isinstance(checkpoint, dict) or "random_state" not in checkpoint or "optimizer" not in checkpoint:
         raise RecBoleLLMError(
             f"--resume={path} is not a checkpoint that recbole_llm's trainer wrote: pass the <name>-last.pth file "

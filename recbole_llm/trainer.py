@@ -1,5 +1,5 @@
-"""Trainers: RecBole's, made to load checkpoints under torch >= 2.6, to write them atomically and to resume
-interrupted runs, and the LLMTrainer that trains every LLM-based model stage by stage; and how a checkpoint's
+"""Trainers: RecBole's, made to write checkpoints as data (atomically) and read them with torch's safe loader, and to
+resume interrupted runs, and the LLMTrainer that trains every LLM-based model stage by stage; and how a checkpoint's
 weights go into a model, for the trainers and load_data_and_model alike."""
 
 import functools
@@ -46,7 +46,15 @@ def model_state(model):
     """What a checkpoint holds of its model: load_model_state's inverse."""
     if isinstance(model, LLMSequentialRecommender):
         return {"stage": model.stage, "state_dict": model.checkpoint_state_dict()}
-    return {"state_dict": model.state_dict(), "other_parameter": model.other_parameter()}
+    # RecBole's other parameters that are tensors; the others (a submodule, whose weights state_dict holds, or SciPy
+    # matrices a model computes from the dataset when it is built) would be pickled as code
+    other = {name: value for name, value in model.other_parameter().items() if value is None or torch.is_tensor(value)}
+    return {"state_dict": model.state_dict(), "other_parameter": other}
+
+
+def as_floats(result):
+    """RecBole's metrics (NumPy floats, which only the full unpickler reads) as Python floats; None stays None."""
+    return None if result is None else type(result)((metric, float(value)) for metric, value in result.items())
 
 
 def advises_on_out_of_memory(phase):
@@ -64,8 +72,8 @@ def advises_on_out_of_memory(phase):
 
 
 class SafeCheckpointMixin:
-    """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume), writes checkpoints
-    atomically, keeps a resume point after every epoch (recbole_llm.resume), and turns a non-finite loss and CUDA's
+    """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume), writes checkpoints as data
+    and atomically, keeps a resume point after every epoch (recbole_llm.resume), and turns a non-finite loss and CUDA's
     out-of-memory error into one line that says what to change."""
 
     last_checkpoint_file = None  # <best>-last.pth while a fit that saves checkpoints runs
@@ -76,10 +84,14 @@ class SafeCheckpointMixin:
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and eval_data:
             checkpoint_file = model_file or self.saved_model_file
-            load_model_state(self.model, load_checkpoint(checkpoint_file, self.device))
+            load_model_state(self.model, self.read_checkpoint(checkpoint_file))
             getLogger().info(f"Loading model structure and parameters from {checkpoint_file}")
         with self._out_of_memory_advice("eval"):
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def read_checkpoint(self, checkpoint_file):
+        """A checkpoint, on this trainer's device; one the safe loader refuses only with trust_checkpoint."""
+        return load_checkpoint(checkpoint_file, self.device, trust_checkpoint=self.config["trust_checkpoint"])
 
     def resume_checkpoint(self, resume_file):
         checkpoint = read_resume_checkpoint(resume_file, self.config)
@@ -143,8 +155,8 @@ class SafeCheckpointMixin:
             "epoch": epoch,
             "finished": finished,  # no epoch of its fit is left to train
             "cur_step": self.cur_step,
-            "best_valid_score": self.best_valid_score,
-            "best_valid_result": self.best_valid_result,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": as_floats(self.best_valid_result),
             "best_model_file": self.saved_model_file,
             **model_state(self.model),
             "optimizer": self.optimizer.state_dict(),
@@ -363,7 +375,7 @@ class LLMTrainer(Trainer):
         return result
 
     def _load_best(self, checkpoint_file):
-        load_model_state(self.model, load_checkpoint(checkpoint_file, self.device))
+        load_model_state(self.model, self.read_checkpoint(checkpoint_file))
         self.logger.info(f"Loading trainable parameters of stage '{self.model.stage}' from {checkpoint_file}")
 
     def checkpoint_state(self, epoch, finished=False):

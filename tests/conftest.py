@@ -1,15 +1,19 @@
 """Shared test settings and fixtures: the tiny real dataset (300 ml-100k users with titles), small and fast model
-sizes, a working directory per test module, one tiny CF model for the session, and models built as a run builds
-them."""
+sizes, a working directory per test module, one tiny CF model for the session, models built as a run builds them,
+and checkpoints that only the full unpickler reads (RecBole's own, and one that runs code)."""
 
 import logging
 import os
+import pathlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
+import recbole.trainer
 import torch
+from recbole.config import Config as RecBoleConfig
 from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole.utils import init_seed
 
 from recbole_llm.cf_training import trained_checkpoint
@@ -104,6 +108,33 @@ def tiny_run(model, checkpoint_root, **settings):
     config = Config(model=model, dataset=TINY_DATASET, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     return TinyRun(config_dict, config, *data_preparation(config, create_dataset(config)))
+
+
+def recbole_trainer_checkpoint(checkpoint_root, dataset, **settings):
+    """A SASRec checkpoint written by RecBole's own Trainer (its Config pickled, pickle protocol 4) on `dataset`:
+    its path and the model. RecBole's Config reads the command line: call it with sys.argv set to ["pytest"]."""
+    config_dict = {**tiny_config(checkpoint_root, **settings), "train_neg_sample_args": None}
+    stock_config = RecBoleConfig(model="SASRec", dataset=TINY_DATASET, config_dict=config_dict)
+    model = SASRec(stock_config, dataset)
+    trainer = recbole.trainer.Trainer(stock_config, model)
+    trainer._save_checkpoint(0)  # RecBole's own writer (what fit calls after a best epoch), without an epoch
+    return trainer.saved_model_file, model
+
+
+class CreatesAFile:
+    """Read by the full unpickler, it creates the file `path`: the code that a shared checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.path,)
+
+
+def checkpoint_that_runs_code(path, target):
+    """A checkpoint at `path`, shaped as RecBole's, whose reading by the full unpickler creates the file `target`."""
+    torch.save({"config": CreatesAFile(target), "state_dict": {}, "random_state": {}, "optimizer": {}}, path)
+    return str(path)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import yaml
 from recbole.model.sequential_recommender.sasrec import SASRec
 from transformers import BertConfig, GPT2Config
 
-from conftest import SIZES, TESTS_DIR, TINY_DATASET, tiny_config, tiny_run
+from conftest import SIZES, TESTS_DIR, TINY_DATASET, checkpoint_that_runs_code, tiny_config, tiny_run
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.llm.backbone import RANDOM_CONFIGS, clear_llm_cache
 from recbole_llm.model.sequential_recommender.laser import REFRESHED_ITEMS, Laser
@@ -180,6 +180,16 @@ def test_prompt_templates_missing_their_placeholder(cli, model, setting, fragmen
 def test_resume_from_a_checkpoint_that_does_not_exist(cli, tmp_path, model):
     missing = tmp_path / "saved" / f"{model}-gone-last.pth"
     assert f"checkpoint '{missing}' does not exist" in cli(model=model, resume=str(missing))
+
+
+@pytest.mark.usefixtures("no_llm")
+@pytest.mark.parametrize("setting", ["resume", "cf_checkpoint"])
+def test_a_checkpoint_that_would_run_code_is_refused_unread(cli, tmp_path, setting):
+    target = tmp_path / "created-by-the-checkpoint"
+    path = checkpoint_that_runs_code(tmp_path / "shared.pth", target)
+    error = cli(**{setting: path})
+    assert f"checkpoint '{path}' is not plain data" in error and "pass --trust_checkpoint=True" in error
+    assert not target.exists()
 
 
 @pytest.mark.usefixtures("no_llm")

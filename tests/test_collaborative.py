@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 import recbole.trainer
 import torch
-from recbole.config import Config as RecBoleConfig
 from recbole.data import create_dataset, data_preparation
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from recbole.model.sequential_recommender.sasrec import SASRec
 from torch import nn
 
-from conftest import TESTS_DIR, TINY_CF, TINY_DATASET, tiny_config
+from conftest import TESTS_DIR, TINY_CF, TINY_DATASET, recbole_trainer_checkpoint, tiny_config
 from recbole_llm.cf_training import cached_checkpoint_path, cf_training_config, trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.config import Config
@@ -42,7 +41,7 @@ def cached_encoder(config, dataset):
 
 
 def save_recbole_checkpoint(config, model, path):
-    """What RecBole's trainer writes: the pickled Config and the weights, pickle protocol 4."""
+    """What RecBole's trainer writes: the pickled Config and the weights, pickle protocol 4 (read with consent)."""
     torch.save({"config": config, "state_dict": model.state_dict()}, path, pickle_protocol=4)
 
 
@@ -199,7 +198,7 @@ def test_refuses_a_checkpoint_of_another_dataset(workdir, tiny):
     save_recbole_checkpoint(small_config, SASRec(small_config, small_dataset), path)
 
     assert_refused(
-        make_config(workdir, cf_checkpoint=path), dataset,
+        make_config(workdir, cf_checkpoint=path, trust_checkpoint=True), dataset,
         f"trained on ml-100k-small ({small_dataset.item_num} items)", f"uses ml-100k-tiny ({dataset.item_num} items)",
     )
 
@@ -218,7 +217,7 @@ def test_refuses_a_model_that_is_not_sasrec_or_bert4rec(workdir, tiny):
     gru_config = make_config(workdir, model="GRU4Rec")
     path = str(workdir / "gru4rec.pth")
     save_recbole_checkpoint(gru_config, GRU4Rec(gru_config, dataset), path)
-    assert_refused(make_config(workdir, cf_checkpoint=path), dataset, "GRU4Rec", "not SASRec or BERT4Rec")
+    assert_refused(make_config(workdir, cf_checkpoint=path, trust_checkpoint=True), dataset, "GRU4Rec", "not SASRec")
 
 
 def test_refuses_a_missing_file_another_model_and_another_hidden_size(workdir, tiny, sasrec, bert4rec):
@@ -232,17 +231,14 @@ def test_refuses_a_missing_file_another_model_and_another_hidden_size(workdir, t
     assert_refused(make_config(workdir), dataset, "cf_checkpoint is not set", "build_model")
 
 
-def test_loads_a_checkpoint_written_by_recboles_stock_trainer(workdir, tiny, monkeypatch):
+def test_loads_a_checkpoint_written_by_recboles_stock_trainer_only_with_consent(workdir, tiny, monkeypatch):
     _, dataset, batch = tiny
     monkeypatch.setattr(sys, "argv", ["pytest"])
-    stock_config = RecBoleConfig(model="SASRec", dataset=TINY_DATASET, config_dict={
-        **tiny_config(workdir / "stock", MAX_ITEM_LIST_LENGTH=20), "train_neg_sample_args": None,
-    })
-    model = SASRec(stock_config, dataset)
-    trainer = recbole.trainer.Trainer(stock_config, model)
-    trainer._save_checkpoint(0)  # RecBole's own writer (what fit calls after a best epoch), without an epoch
+    path, model = recbole_trainer_checkpoint(workdir / "stock", dataset, MAX_ITEM_LIST_LENGTH=20)
+    assert_refused(make_config(workdir, cf_checkpoint=path), dataset, f"checkpoint '{path}' is not plain data",
+                   "could run any code", "--trust_checkpoint=True")
 
-    encoder = CollaborativeEncoder(make_config(workdir, cf_checkpoint=trainer.saved_model_file), dataset)
+    encoder = CollaborativeEncoder(make_config(workdir, cf_checkpoint=path, trust_checkpoint=True), dataset)
     assert torch.equal(encoder.item_embeddings, model.item_embedding.weight.detach())
     item_seq, item_len = batch["item_id_list"], batch["item_length"]
     assert torch.equal(encoder.encode(item_seq, item_len)[2], model.eval()(item_seq, item_len))

@@ -33,17 +33,10 @@ def test_baseline_trains_and_evaluates_with_full_ranking(tmp_path, model):
     assert result["test_result"]["hit@10"] > 0  # a trained model ranks some held-out item into the top 10 of ~860
     assert result["trainable_parameters"] > 0 and os.path.isfile(result["saved_model_file"])
 
-    # The best checkpoint reloads (torch >= 2.6 refuses RecBole's pickled Config by default) and scores the same.
+    # The best checkpoint reloads (its Config stored as data: tests/test_checkpoint.py) and scores the same.
     config, reloaded, _, _, _, test_data = load_data_and_model(result["saved_model_file"])
     trainer = get_trainer(config["MODEL_TYPE"], model)(config, reloaded)
     assert trainer.evaluate(test_data, load_best_model=True, model_file=result["saved_model_file"]) == result["test_result"]
-
-
-def test_stock_torch_load_refuses_recbole_checkpoints(tmp_path):
-    """The reason the plugin's trainer loads checkpoints itself: without it evaluate(load_best_model=True) fails."""
-    result = run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path))
-    with pytest.raises(Exception, match="weights_only"):
-        torch.load(result["saved_model_file"])
 
 
 def test_comparison_table_for_two_models(tmp_path, capsys):

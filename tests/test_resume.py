@@ -1,16 +1,19 @@
 """Resuming interrupted runs: Laser, RSLLM and a RecBole baseline, stopped by Ctrl-C after an epoch and resumed
-with --resume from the run's last checkpoint, end with exactly the metrics of the run that was never stopped; and
-checkpoint writes are atomic."""
+with --resume from the run's last checkpoint (one as recbole_llm wrote it before its checkpoints were data, with
+--trust_checkpoint), end with exactly the metrics of the run that was never stopped; and checkpoint writes are
+atomic."""
 
 import hashlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from conftest import LASER_SIZES, RSLLM_SIZES, TINY_DATASET, tiny_config
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.sequential_recommender.laser import FROZEN_ITEMS, REFRESHED_ITEMS, Laser
 from recbole_llm.model.sequential_recommender.rsllm import TEXT_ONLY, UNIFIED, RSLLM
 from recbole_llm.quick_start import run_recbole_llm
@@ -79,20 +82,30 @@ def assert_resumed_run_matches(resumed, expected, checkpoint_dir, best_file):
         assert torch.allclose(weights, expected_final["state_dict"][name], atol=1e-6), name
 
 
+def pickle_as_before(path):
+    """Rewrites the checkpoint at `path` as recbole_llm wrote it before its checkpoints were data: its Config and
+    NumPy's random state pickled, pickle protocol 4."""
+    checkpoint = load_checkpoint(path)
+    name, keys, *position = checkpoint["random_state"]["numpy"]
+    checkpoint["random_state"]["numpy"] = (name, np.array(keys, dtype=np.uint32), *position)
+    torch.save(checkpoint, path, pickle_protocol=4)
+
+
 def last_of(best_file):
     return str(best_file)[: -len(".pth")] + "-last.pth"
 
 
 @pytest.mark.parametrize(
-    "model, stage, epoch",
+    "model, stage, epoch, written_before",
     [
-        ("Laser", REFRESHED_ITEMS, 1),  # within stage 1: the item matrix of the last validation goes on
-        ("Laser", FROZEN_ITEMS, 1),  # within stage 2: the frozen item matrix comes back from the checkpoint
-        ("RSLLM", UNIFIED, 0),  # at the start of stage 2: stage 1 is over, stage 2 starts from the best weights
+        ("Laser", REFRESHED_ITEMS, 1, False),  # within stage 1: the item matrix of the last validation goes on
+        ("Laser", FROZEN_ITEMS, 1, False),  # within stage 2: the frozen item matrix comes back from the checkpoint
+        ("RSLLM", UNIFIED, 0, False),  # at the start of stage 2: stage 1 is over, stage 2 starts from the best weights
+        ("Laser", FROZEN_ITEMS, 1, True),  # a resume point as recbole_llm wrote it before: resumed with consent
     ],
 )
 def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
-    model, stage, epoch, tmp_path, cf_checkpoint, uninterrupted, monkeypatch, caplog
+    model, stage, epoch, written_before, tmp_path, cf_checkpoint, uninterrupted, monkeypatch, caplog
 ):
     expected = uninterrupted(model)
     with monkeypatch.context() as patch:
@@ -110,7 +123,12 @@ def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
     assert {"optimizer", "scheduler", "random_state", "best_valid_score", "best_valid_result"} <= set(last)
     assert f"interrupted: --resume={checkpoint_dir / last_file} continues this run" in caplog.text
 
-    resumed = run(model, tmp_path, cf_checkpoint, resume=str(checkpoint_dir / last_file))
+    resume = str(checkpoint_dir / last_file)
+    if written_before:
+        pickle_as_before(resume)
+        with pytest.raises(RecBoleLLMError, match="is not plain data"):
+            run(model, tmp_path, cf_checkpoint, resume=resume)
+    resumed = run(model, tmp_path, cf_checkpoint, resume=resume, trust_checkpoint=written_before)
     assert_resumed_run_matches(resumed, expected, checkpoint_dir, last["best_model_file"])
 
 

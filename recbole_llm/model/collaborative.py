@@ -26,8 +26,8 @@ CF_MODELS = {"SASRec": SASRec, "BERT4Rec": BERT4Rec}
 class CollaborativeEncoder(nn.Module):
     """A frozen RecBole SASRec/BERT4Rec: its item embedding table and its hidden states of item sequences.
 
-    Reads ``cf_model`` (SASRec or BERT4Rec), ``cf_checkpoint`` (the checkpoint to load, read once) and
-    ``cf_hidden_size`` (checked when set).
+    Reads ``cf_model`` (SASRec or BERT4Rec), ``cf_checkpoint`` (the checkpoint to load, read once; one that is not
+    plain data only with ``trust_checkpoint``) and ``cf_hidden_size`` (checked when set).
     """
 
     def __init__(self, config, dataset):
@@ -44,7 +44,7 @@ class CollaborativeEncoder(nn.Module):
                 f"cf_checkpoint {path} does not exist: pass the .pth file RecBole's trainer wrote for {cf_model} on "
                 f"{config['dataset']}, or drop cf_checkpoint to train one"
             )
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, trust_checkpoint=config["trust_checkpoint"])
         check_checkpoint_fits(checkpoint, path, config, dataset)
         self.checkpoint_path = path
         self.n_items = dataset.item_num
