@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import TINY_DATASET
 from recbole_llm.cf_training import trained_checkpoint
@@ -230,6 +231,28 @@ def test_full_sort_predict_agrees_with_predict(laser, batch):
         pair_scores = laser.predict(batch)  # the batch's own next items
     rows = torch.arange(len(batch))
     assert torch.allclose(full_scores[rows, batch[laser.ITEM_ID]], pair_scores, atol=1e-4)
+
+
+def test_scores_are_cosines_of_centred_embeddings_and_the_paper_s_without_the_switches(tiny, laser, batch):
+    """Laser.yaml's switches (centring, a linear head that starts as the identity) compare embeddings after
+    subtracting the mean item row; without them the scores are the paper's plain cosine / tau."""
+    paper = tiny.build(embedding_head="none", center_embeddings=False)
+    paper.load_state_dict(laser.state_dict(), strict=False)  # the same prefix and suffix weights
+    for model in (laser, paper):
+        model.eval()
+    with torch.no_grad():
+        laser.begin_evaluation()
+        paper.begin_evaluation()
+        assert torch.equal(laser.item_matrix, paper.item_matrix)
+        items = laser.item_matrix
+        users = F.normalize(laser.user_embedding(batch[laser.ITEM_SEQ], batch[laser.ITEM_SEQ_LEN])[0], dim=-1)
+        mean = items[1:].mean(0)
+        centred = F.normalize(users - mean, dim=-1) @ F.normalize(items - mean, dim=-1).T / laser.tau
+        plain = users @ items.T / laser.tau
+        for model, expected in ((laser, centred), (paper, plain)):
+            scores = model.full_sort_predict(batch)
+            assert torch.allclose(scores[:, 1:], expected[:, 1:], atol=1e-4) and scores[:, 0].eq(float("-inf")).all()
+    assert laser.item_matrix.norm(dim=1)[1:].allclose(torch.ones(laser.n_items - 1))  # stored unit rows, either way
 
 
 def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_through_the_frozen_llm(tiny):
