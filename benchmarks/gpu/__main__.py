@@ -10,24 +10,27 @@ from pathlib import Path
 from benchmarks.gpu import PACK_DIR, WORK_DIR
 
 
-def collect(directory, plan_name="gpu"):
-    """The pages a run brought back (the device tool's files_at) into benchmarks/results/, and the README's results."""
+def collect(directory, plan_name="gpu", results_dir=None, readme=None):
+    """The pages a run brought back (the device tool's files_at) into benchmarks/results/, and the README's results
+    rewritten (python -m benchmarks.update_readme), the kit's short quality page among them."""
     from benchmarks.gpu.remote import load_plan
-    from benchmarks.report import RESULTS_DIR
+    from benchmarks.report import REPO, RESULTS_DIR
     from benchmarks.update_readme import update_readme
 
+    results_dir = Path(results_dir or RESULTS_DIR)
     plan = load_plan(plan_name)
-    stems = [f"cost-{plan['cost']['profile']}", f"quality-{plan['quality']['name']}", f"curves-{plan['quality']['name']}"]
+    quality = f"quality-{plan['quality']['name']}"
+    stems = [f"cost-{plan['cost']['profile']}", quality, f"curves-{plan['quality']['name']}"]
     copied = []
     for path in sorted(Path(directory).iterdir()):
         if path.is_file() and path.stem in stems and path.suffix in (".md", ".csv", ".png"):
-            shutil.copy2(path, RESULTS_DIR / path.name)
+            shutil.copy2(path, results_dir / path.name)
             copied.append(path.name)
     if not copied:
         print(f"nothing to collect in {directory}: expected {', '.join(stems)} (.md, .csv, .png)", file=sys.stderr)
         return 1
-    update_readme()
-    print(f"copied into {RESULTS_DIR}: {', '.join(copied)}; README.md's results rewritten")
+    update_readme(Path(readme or REPO / "README.md"), results_dir, optional=(quality,))
+    print(f"copied into {results_dir}: {', '.join(copied)}; the README's results rewritten")
     return 0
 
 

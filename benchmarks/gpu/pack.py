@@ -95,6 +95,16 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def same_version(a, b):
+    """Whether two version strings name one version ('0.1.1-2209072238' is '0.1.1.post2209072238')."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return a == b
+
+
 def pins(groups):
     """{dist: version} of this environment, for every carried distribution that is installed here."""
     found, missing = {}, []
@@ -112,7 +122,7 @@ def pins(groups):
 def wheel_file(directory, dist, version):
     for path in sorted(Path(directory).glob("*.whl")):
         name, wheel_version = path.name.split("-")[:2]
-        if canonical(name) == canonical(dist) and wheel_version == version:
+        if canonical(name) == canonical(dist) and same_version(wheel_version, version):
             return path
     return None
 
@@ -184,6 +194,7 @@ def pack(kit=PACK_DIR, stand_in=False, llm_stack=True):
     """Builds kit/part1 and kit/part2 and prints their sizes; returns the two manifests."""
     kit = Path(kit)
     cache = kit / "cache"  # downloaded wheels, kept between packs; never carried
+    cache.mkdir(parents=True, exist_ok=True)
     tree = travelling_files()
     tree_bytes = sum((REPO / name).stat().st_size for name in tree)
     limit = int((LIMIT_MIB - MARGIN_MIB) * MIB)
@@ -235,10 +246,10 @@ def pack(kit=PACK_DIR, stand_in=False, llm_stack=True):
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
     (parts[0] / "wheels").mkdir()
-    for group in common["wheel_groups"]:
-        for wheel in group["wheels"]:
-            shutil.copy2(cache / "standin" / Path(wheel).name if stand_in else cache / Path(wheel).name,
-                         parts[0] / wheel)
+    for group in groups:
+        for dist in group["dists"]:
+            if dist in wheels:
+                shutil.copy2(wheels[dist], parts[0] / "wheels" / wheels[dist].name)
     with open(gz, "rb") as source:
         for part, name, size in ((parts[0], f"{GZ_NAME}.1", first), (parts[1], f"{GZ_NAME}.2", None)):
             with open(part / name, "wb") as target:

@@ -91,13 +91,13 @@ def check(plan, work, out, seconds, status):
     import gguf  # noqa: F401
     import matplotlib  # noqa: F401
     import recbole_llm.quick_start  # noqa: F401
-    from benchmarks.gpu.pack import canonical
+    from benchmarks.gpu.pack import canonical, same_version
 
     installed = json.loads((Path(work) / "installed.json").read_text())
     for wheel in installed["wheels"]:
         name, carried = Path(wheel).name.split("-")[:2]
         found = version(name)
-        if found != carried:
+        if not same_version(found, carried):
             raise RuntimeError(f"{canonical(name)} {found} is imported, not the carried {carried}: check PYTHONPATH")
 
     cuda = torch.cuda.is_available()
