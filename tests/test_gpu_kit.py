@@ -124,7 +124,8 @@ def test_a_failing_step_is_reported_and_the_others_run(dry, tmp_path, monkeypatc
     assert summary(capsys.readouterr().out)["smoke"][0] == "failed (exit 1)"
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    failing = real_step("nope", {"name": "dry"}, root / "work", tmp_path / "out", 30, env, remote.Log(tmp_path / "log"))
+    log = remote.Log(tmp_path / "log")
+    failing = real_step("nope", remote.load_plan("dry"), root / "work", tmp_path / "out", 30, env, log)
     assert failing["status"] == "failed (exit 2)" and "invalid choice: 'nope'" in (tmp_path / "log").read_text()
 
 

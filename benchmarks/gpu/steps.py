@@ -195,9 +195,11 @@ def smoke(plan, work, out, seconds, status):
 
     cuda = torch.cuda.is_available()
     lines, failed = [], False
-    for model_name, settings in plan["smoke"]["models"].items():
+    for label, settings in plan["smoke"]["models"].items():  # label -> settings, `model` among them or the label
         start = time.perf_counter()
-        config_dict = absolute_paths({**plan["smoke"]["config"], **settings, "llm_path": plan["llm_path"],
+        model_name = settings.get("model", label)
+        own = {key: value for key, value in settings.items() if key != "model"}
+        config_dict = absolute_paths({**plan["smoke"]["config"], "llm_path": plan["llm_path"], **own,
                                       "checkpoint_dir": str(Path(work) / "saved-smoke")})
         try:
             if cuda:
@@ -209,7 +211,7 @@ def smoke(plan, work, out, seconds, status):
             tested = result["test_result"]
             difference = max(abs(float(tested[key]) - float(reloaded[key])) for key in tested if key in reloaded)
             ok = difference <= RELOAD_TOLERANCE
-            line = (f"{model_name}: test NDCG@10 {tested['ndcg@10']:.4f}, {reloaded['ndcg@10']:.4f} after "
+            line = (f"{label}: test NDCG@10 {tested['ndcg@10']:.4f}, {reloaded['ndcg@10']:.4f} after "
                     f"load_data_and_model (largest metric difference {difference:.4f})")
             if cuda:
                 weight = next(llm_parts(model)[0].parameters())
@@ -220,11 +222,11 @@ def smoke(plan, work, out, seconds, status):
                          f"{str(trainer.amp_dtype).removeprefix('torch.')}, peak "
                          f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
             else:
-                print(f"{model_name}: CUDA-only checks skipped (the LLM in bf16 on the GPU, bf16 autocast): no GPU")
+                print(f"{label}: CUDA-only checks skipped (the LLM in bf16 on the GPU, bf16 autocast): no GPU")
                 line += "; CUDA checks skipped (no GPU)"
         except Exception as error:
             traceback.print_exc()
-            ok, line = False, f"{model_name}: {one_line(error)}"
+            ok, line = False, f"{label}: {one_line(error)}"
         failed = failed or not ok
         lines.append(f"{line}, {time.perf_counter() - start:.0f} s{'' if ok else ' -- FAILED'}")
         print(lines[-1], flush=True)
@@ -421,7 +423,7 @@ def quality_rows(results):
     rows = comparison_rows(with_companions(results))
     for row, result in zip(rows, with_companions(results)):
         row.update({key: float(row[key]) for key in ("train time (s)", "eval time (s)") if row[key] is not None})
-        row["budget (s)"] = result.get("budget_s")
+        row["budget (s)"] = round(result["budget_s"], 1) if result.get("budget_s") is not None else None
         row["samples seen"] = result.get("samples_seen")
         row["stopped by"] = result.get("stopped_by")
     return rows
@@ -445,12 +447,12 @@ def write_quality(out, name, dataset, stamp, results, notes):
             axis.set_xlabel(label)
         plot_curves(axes[-1], results)
     columns = {**COLUMNS, "budget (s)": "budget (s)", "samples seen": "samples seen", "stopped by": "stopped by"}
-    metric = f"valid {results[0]['valid_metric'].lower()}"
+    metric = f"valid {results[0]['valid_metric']}"  # e.g. valid NDCG@10; the curves' key is in lower case
     curve_columns = {"model": "model", "stage": "stage", "epoch": "epoch", "samples seen": "samples seen",
-                     "seconds": "seconds", metric: metric.replace("valid ", "valid ").replace("ndcg", "NDCG")}
+                     "seconds": "seconds", metric.lower(): metric}
     sections = [
         ("Test split (each model's best validation checkpoint)", markdown_table(rows, columns)),
-        (f"Learning curves: {curve_columns[metric]} after each epoch, against the training samples seen",
+        (f"Learning curves: {metric} after each epoch, against the training samples seen",
          markdown_table(curves, curve_columns)),
         *([("Not run", "\n".join(f"- {note}" for note in notes))] if notes else []),
     ]
