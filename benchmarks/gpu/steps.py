@@ -177,10 +177,12 @@ def cf(plan, work, out, seconds, status):
     train_data, _, _ = data_preparation(config, create_dataset(config))
     start = time.perf_counter()
     path = trained_checkpoint(config, train_data._dataset)
+    seconds_taken = time.perf_counter() - start
     checkpoint = load_checkpoint(path)
-    status.update(summary=f"{config['cf_model']} on {dataset} in {time.perf_counter() - start:.0f} s (cached: "
-                          f"{Path(path).name}), best valid {config['valid_metric']} "
-                          f"{checkpoint['best_valid_score']:.4f} after epoch {checkpoint['epoch']}")
+    best = checkpoint.get("best_valid_score")
+    status.update(summary=f"{config['cf_model']} on {dataset} in {seconds_taken:.0f} s (cached: {Path(path).name})"
+                          + (f", best valid {config['valid_metric']} {best:.4f} after epoch {checkpoint.get('epoch')}"
+                             if isinstance(best, float) else ""))
 
 
 # ---- smoke ---------------------------------------------------------------------------------------------------------
