@@ -359,12 +359,20 @@ def _send_result(sender, function, args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile, out, stamp = benchmark_settings("cost", argv)
-    rows = [
-        in_fresh_process(measure, label, settings["model"], profile.dataset, profile.run_config(settings),
-                         profile.cost_steps, os.getcwd(), torch.get_num_threads())
-        for label, settings in profile.cost.items()
-    ]
+    rows = [measure_row(profile, label) for label in profile.cost]
+    write_results(out, profile, stamp, rows)
+    return rows
 
+
+def measure_row(profile, label):
+    """The profile's cost row `label`, measured in a fresh process (in_fresh_process) from this working directory."""
+    settings = profile.cost[label]
+    return in_fresh_process(measure, label, settings["model"], profile.dataset, profile.run_config(settings),
+                            profile.cost_steps, os.getcwd(), torch.get_num_threads())
+
+
+def write_results(out, profile, stamp, rows, notes=()):
+    """cost-<profile>.md, .csv and .png under `out`; `notes` (lines) say which rows are missing and why."""
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"cost-{profile.name}")
     write_csv(stem, rows)
@@ -380,9 +388,9 @@ def main(argv=None):
         ("Throughput, start-up, memory and checkpoint per model", markdown_table(rows, THROUGHPUT_COLUMNS)),
         ("Where an LLM model's time goes, against the bare frozen LLM on the same batch", markdown_table(
             llm_rows, LLM_COLUMNS)),
+        *([("Not measured", "\n".join(f"- {note}" for note in notes))] if notes else []),
     ], gpu_name=", ".join(gpus) or None)
     print(f"written: {stem}.md, .csv, .png")
-    return rows
 
 
 def plot_step_breakdown(axis, llm_rows):

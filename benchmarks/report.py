@@ -29,7 +29,10 @@ def cpu_model():
 
 
 def git_revision():
-    """The checkout's commit, marked when the working tree has changes; None outside a git checkout."""
+    """The checkout's commit, marked when the working tree has changes; None outside a git checkout. A copy of the
+    tree without its git folder (the GPU kit's run) names it in RECBOLE_LLM_REVISION, which wins when set."""
+    if os.environ.get("RECBOLE_LLM_REVISION"):
+        return os.environ["RECBOLE_LLM_REVISION"]
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()

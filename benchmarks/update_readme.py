@@ -1,6 +1,6 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
-summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, and of the
-learning curves of the cpu-long profile.
+summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the learning
+curves of the cpu-long profile, and of the GPU kit's short quality run (benchmarks/gpu/) once it has one.
 
     python -m benchmarks.update_readme
 """
@@ -14,18 +14,22 @@ BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme`
 END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "cpu-long", "gpu")
 BENCHMARKS = {"cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
+OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 
-def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES):
-    """The Markdown between the markers: each benchmark page of each profile, its summary with headings one level
-    down and its figure linked from the README; a line with the command for a page not written yet."""
+def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES, optional=OPTIONAL_PAGES):
+    """The Markdown between the markers: each benchmark page of each profile, then the `optional` pages that exist,
+    each as its summary with headings one level down and its figure linked from the README; a line with the command
+    for a profile's page not written yet."""
     parts = []
-    pages = [(profile, benchmark) for profile in profiles for benchmark in BENCHMARKS.get(profile, ("quality", "cost"))]
-    for profile, benchmark in pages:
-        page = results_dir / f"{benchmark}-{profile}.md"
+    pages = [(f"{benchmark}-{profile}", profile, benchmark)
+             for profile in profiles for benchmark in BENCHMARKS.get(profile, ("quality", "cost"))]
+    for stem, profile, benchmark in pages + [(stem, None, None) for stem in optional]:
+        page = results_dir / f"{stem}.md"
         if not page.is_file():
-            parts.append(f"*{benchmark.capitalize()}, {profile} profile: not measured yet "
-                         f"(`python -m benchmarks.{benchmark} --profile={profile}`).*\n")
+            if profile is not None:
+                parts.append(f"*{benchmark.capitalize()}, {profile} profile: not measured yet "
+                             f"(`python -m benchmarks.{benchmark} --profile={profile}`).*\n")
             continue
         summary = page.read_text().split(CONFIG_MARK)[0].strip()
         figure = results_dir / f"{page.stem}.png"
@@ -35,13 +39,13 @@ def results_section(results_dir=RESULTS_DIR, readme_dir=REPO, profiles=PROFILES)
     return "\n".join(parts)
 
 
-def update_readme(readme=REPO / "README.md", results_dir=RESULTS_DIR, profiles=PROFILES):
+def update_readme(readme=REPO / "README.md", results_dir=RESULTS_DIR, profiles=PROFILES, optional=OPTIONAL_PAGES):
     text = readme.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise RecBoleLLMError(f"{readme} needs each results marker once, in its Results section: {BEGIN} ... {END}")
     before, rest = text.split(BEGIN)
     after = rest.split(END)[1]
-    section = results_section(results_dir, readme.parent, profiles)
+    section = results_section(results_dir, readme.parent, profiles, optional)
     readme.write_text(f"{before}{BEGIN}\n\n{section}\n{END}{after}")
 
 
