@@ -120,5 +120,5 @@ def test_readme_shows_the_committed_results():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, gpu, smoke"):
+    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-long, gpu, smoke"):
         quality.main(["--profile=nope"])

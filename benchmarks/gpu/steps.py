@@ -378,7 +378,8 @@ def budgeted_run(model_name, dataset_name, config_dict, seconds):
     print(f"{model_name}: {budget.samples:,} samples in {eval_start - train_start:.0f} s ({budget.stopped_by()}), "
           f"test {dict(test_result)}", flush=True)
     return {
-        "companions": [evaluate_collaborative_model(config, model, test_data)] if hasattr(model, "cf_encoder") else [],
+        "companions": [evaluate_collaborative_model(config, model, valid_data, test_data)]
+        if hasattr(model, "cf_encoder") else [],
         "model": model_name, "best_valid_score": best_valid_score, "valid_metric": config["valid_metric"],
         "test_result": test_result, "trainable_parameters": trainable, "train_time": eval_start - train_start,
         "eval_time": eval_end - eval_start, "budget_s": seconds, "samples_seen": budget.samples,
