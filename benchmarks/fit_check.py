@@ -17,10 +17,10 @@ from time import time
 
 import torch
 import torch.nn.functional as F
-import yaml
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_seed
 
+from benchmarks.settings import split_arguments
 from recbole_llm.config import Config
 from recbole_llm.quick_start import build_model
 from recbole_llm.utils import get_trainer
@@ -29,12 +29,9 @@ OWN = {"model": "Laser", "dataset": "ml-100k", "steps": 200, "samples": 32, "ref
 
 
 def parse(argv):
-    """The check's own settings (OWN) and the config's, each `--key=value` read as YAML."""
-    own, overrides = dict(OWN), {}
-    for argument in argv:
-        key, _, value = argument.removeprefix("--").partition("=")
-        (own if key in OWN else overrides)[key] = yaml.safe_load(value)
-    return own, overrides
+    """The check's own settings (OWN, of their defaults' types) and the config's overrides."""
+    own, overrides = split_arguments(argv, own_keys=tuple(OWN))
+    return {key: type(OWN[key])(value) for key, value in own.items()}, overrides
 
 
 def fixed_batch_model(model_name, dataset_name, samples, overrides):

@@ -67,15 +67,15 @@ def load_profile(name_or_path, overrides=None):
     )
 
 
-def split_arguments(argv):
-    """The script's own `--name=value` arguments (profile, out) and the rest as config overrides {key: value},
+def split_arguments(argv, own_keys=("profile", "out")):
+    """The script's own `--name=value` arguments (own_keys, as text) and the rest as config overrides {key: value},
     each value read as YAML (as RecBole reads `--key=value`: numbers, booleans, lists)."""
     own, overrides = {}, {}
     for argument in argv:
         key, equals, value = argument.removeprefix("--").partition("=")
         if not argument.startswith("--") or not equals:
             raise RecBoleLLMError(f"argument '{argument}' is not --key=value: e.g. --profile=cpu --epochs=2")
-        if key in ("profile", "out"):
+        if key in own_keys:
             own[key] = value
         else:
             overrides[key] = yaml.safe_load(value)

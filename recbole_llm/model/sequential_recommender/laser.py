@@ -198,12 +198,15 @@ class Laser(LLMSequentialRecommender):
             unit_rows = self.embedding_head(unit_rows)
         return F.normalize(unit_rows, dim=-1)
 
+    def compared_users(self, user_embedding):
+        """User embeddings [B, d_llm] as they are compared with the item rows: unit norm, fp32, then `compared`."""
+        return self.compared(F.normalize(user_embedding.float(), dim=-1))
+
     def scores(self, user_embedding):
         """cos(h_u, h_i) / tau [B, n_items] over all items; the padding item is never a candidate. In fp32, also
         under bf16 autocast (whose steps at |logit| ~ 20 are 0.125)."""
         with torch.autocast(user_embedding.device.type, enabled=False):
-            users = self.compared(F.normalize(user_embedding.float(), dim=-1))  # [B, d]
-            scores = users @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
+            scores = self.compared_users(user_embedding) @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
         scores[:, 0] = float("-inf")
         return scores
 
@@ -253,8 +256,8 @@ class Laser(LLMSequentialRecommender):
     def predict(self, interaction):
         user_embedding, _ = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         with torch.autocast(user_embedding.device.type, enabled=False):
-            users = self.compared(F.normalize(user_embedding.float(), dim=-1))  # [B, d]
-            return (users * self.compared(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau  # [B]
+            item_rows = self.compared(self.item_matrix[interaction[self.ITEM_ID]])  # [B, d]
+            return (self.compared_users(user_embedding) * item_rows).sum(-1) / self.tau  # [B]
 
     def full_sort_predict(self, interaction):
         user_embedding, routing = self.user_embedding(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
