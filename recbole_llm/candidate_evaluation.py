@@ -1,97 +1,112 @@
-"""LLaRA's candidate protocol, an evaluation beside RecBole's full ranking: the LLM picks a user's next item from a
-list of candidates by writing its title (for a model that writes answers: RSLLM's ``answer_candidates``).
+"""LLaRA's candidate protocol, an evaluation beside RecBole's full ranking, for every model on the same candidates:
+each test user's next item is picked from a list of candidates. A model that writes answers (RSLLM's
+``answer_candidates``) picks by writing a title; any other model picks its highest-scored candidate
+(``full_sort_predict``), so its every answer is valid.
 
-Each user gets the target and `n_candidates - 1` items outside their history, in a seeded random order. An answer
-is valid when it names exactly one candidate, and a hit when that candidate is the target. HR@1 and ValidRatio
-join RecBole's metrics in the test result (``candidate_eval``).
+Each user gets the target and `n_candidates - 1` items outside their history, in a seeded random order: the same
+users and candidates for every model of a run. An answer is valid when it names one candidate, and a hit when that
+candidate is the target. As LLaRA defines them: HR@1 = hits / valid answers, ValidRatio = valid answers / answers,
+and their product (hits / answers, LLaRA's model-selection metric) join RecBole's metrics in the test result
+(``candidate_eval``).
 """
 
+import re
 from logging import getLogger
 
 import torch
+import torch.nn.functional as F
+from recbole.data.interaction import Interaction, cat_interactions
 from recbole.utils import set_color
 
 from recbole_llm.distributed import evaluated_samples, gather_in_sample_order, is_distributed, process_share
-from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.model.candidates import sample_candidates
 
 
 def answers_candidates(model):
-    """Whether a model takes part in the protocol: it writes answers (``answer_candidates``); the others ignore it."""
+    """Whether a model writes its answers (``answer_candidates``); the others pick by their scores."""
     return hasattr(model, "answer_candidates")
 
 
 def evaluate_candidates(model, eval_data, config):
-    """HR@1 and ValidRatio of the model's greedy answers, for n_candidate_users users of eval_data drawn with the
-    seed (all of them when None), each with n_candidates candidates drawn with the seed."""
-    fields = (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID)
-    columns = zip(*[[interaction[field] for field in fields] for interaction, *_ in eval_data])
-    item_seq, item_len, targets = (torch.cat(column) for column in columns)  # [N, L], [N], [N]
+    """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with the seed (all of them
+    when None), each with n_candidates candidates drawn with the seed."""
+    interactions = cat_interactions([interaction for interaction, *_ in eval_data])
     if is_distributed(config):  # every process draws from all users, as one process does
-        samples = evaluated_samples(eval_data)
-        item_seq, item_len, targets = gather_in_sample_order(samples, [item_seq, item_len, targets])
+        fields = list(interactions.interaction)
+        columns = gather_in_sample_order(evaluated_samples(eval_data), [interactions[field] for field in fields])
+        interactions = Interaction(dict(zip(fields, columns)))
     generator = torch.Generator().manual_seed(config["seed"])
-    users = torch.randperm(len(targets), generator=generator)[: config["n_candidate_users"] or len(targets)]
-    item_seq, item_len, targets = item_seq[users], item_len[users], targets[users]
+    users = torch.randperm(len(interactions), generator=generator)[: config["n_candidate_users"] or len(interactions)]
+    interactions = interactions[users]
     candidates, target_index = sample_candidates(
-        item_seq, targets, model.n_items, config["n_candidates"], generator
+        interactions[model.ITEM_SEQ].cpu(), interactions[model.POS_ITEM_ID].cpu(), model.n_items,
+        config["n_candidates"], generator,
     )  # [n, C], [n]
-    answers, answered = [], process_share(len(users), config)  # each process answers its share of users
+    named, answers, answered = [], [], process_share(len(users), config)  # each process answers its share of users
     for rows in answered.split(config["eval_batch_size"]):
-        answers += model.answer_candidates(
-            item_seq[rows].to(model.device), item_len[rows].to(model.device), candidates[rows].to(model.device)
-        )
+        batch_named, batch_answers = picked_candidates(model, interactions[rows].to(model.device), candidates[rows])
+        named.append(batch_named)
+        answers += batch_answers
+    named = torch.cat(named)
     if is_distributed(config):
-        answers = gather_in_sample_order(answered, [answers])[0]
-    candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
-    metrics = candidate_metrics(named_candidates(answers, candidate_names), target_index)
+        named = gather_in_sample_order(answered, [named])[0]
+        answers = gather_in_sample_order(answered, [answers])[0] if answers_candidates(model) else answers
+    metrics = candidate_metrics(named, target_index)
+    example = f"; e.g. answer {answers[0]!r}" if answers else ""
     getLogger().info(
-        set_color("candidate evaluation", "blue") + f" ({len(users)} users, {config['n_candidates']} "
-        f"candidates, greedy answers; e.g. target {candidate_names[0][target_index[0]]!r}, answer {answers[0]!r}): "
+        set_color("candidate evaluation", "blue") + f" ({len(users)} users, {config['n_candidates']} candidates, "
+        + ("greedy answers" if answers_candidates(model) else "the best-scored candidate") + f"{example}): "
         + ", ".join(f"{key}: {value:.4f}" for key, value in metrics.items())
     )
     return metrics
 
 
-def sample_candidates(history, targets, n_items, n_candidates, generator):
-    """Candidates [N, C] holding each target once plus C - 1 distinct items not in its history, and where the
-    target sits [N].
-
-    history [N, L] item ids (0: padding), targets [N]; everything is drawn from `generator` (on the CPU), so the
-    same seed gives the same candidates.
-    """
-    n_users = len(targets)
-    seen = torch.zeros(n_users, n_items, dtype=torch.bool)  # [N, n_items]
-    seen.scatter_(1, history, True)
-    seen.scatter_(1, targets[:, None], True)
-    seen[:, 0] = True  # the padding item
-    fewest_unseen = int((~seen).sum(1).min())
-    if fewest_unseen < n_candidates - 1:
-        raise RecBoleLLMError(
-            f"n_candidates is {n_candidates} but a user has only {fewest_unseen} items outside their history: "
-            f"set n_candidates to at most {fewest_unseen + 1}"
+@torch.no_grad()
+def picked_candidates(model, interaction, candidates):
+    """Which candidate [B, C] (on the CPU) the model picks for each user of interaction, and its answers (strings;
+    none for a model that picks by its scores)."""
+    if answers_candidates(model):
+        answers = model.answer_candidates(
+            interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
         )
-    draws = torch.rand(n_users, n_items, generator=generator).masked_fill(seen, -1.0)  # [N, n_items]
-    negatives = draws.topk(n_candidates - 1, dim=1).indices  # [N, C - 1] a uniform sample without replacement
-    ordered = torch.cat([targets[:, None], negatives], dim=1)  # [N, C] the target first
-    order = torch.rand(n_users, n_candidates, generator=generator).argsort(dim=1)  # [N, C] shuffle the target's place
-    target_index = (order == 0).int().argmax(dim=1)  # [N]
-    return ordered.gather(1, order), target_index
+        candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
+        return named_candidates(answers, candidate_names), answers
+    with torch.autocast(model.device.type, enabled=False):
+        scores = model.full_sort_predict(interaction).float().reshape(len(candidates), -1).cpu()  # [B, n_items]
+    best = scores.gather(1, candidates).argmax(1)  # [B]
+    return F.one_hot(best, candidates.shape[1]).bool(), []
 
 
 def named_candidates(answers, candidate_names):
-    """Which candidates each answer names [N, C] bool: a candidate's name appears in the answer, ignoring case
-    and spacing (as LLaRA matches titles)."""
-    named = [[_normalized(name) in _normalized(answer) for name in names]
-             for answer, names in zip(answers, candidate_names)]
-    return torch.tensor(named, dtype=torch.bool).reshape(len(answers), -1)
+    """Which candidate each answer names [N, C] bool, at most one per answer: the longest candidate title that the
+    answer's first line starts with, as whole words ("M" is not named by "Men in Black"), ignoring case, spacing and
+    what follows the title (a year, a full stop)."""
+    named = torch.zeros(len(answers), len(candidate_names[0]) if candidate_names else 0, dtype=torch.bool)
+    for row, (answer, names) in enumerate(zip(answers, candidate_names)):
+        first_line = _normalized(answer.strip().split("\n")[0])
+        lengths = [len(name) if _starts_with_title(first_line, name) else 0 for name in map(_normalized, names)]
+        longest = max(range(len(names)), key=lengths.__getitem__)
+        named[row, longest] = lengths[longest] > 0
+    return named
 
 
 def candidate_metrics(named, target_index):
-    """HR@1 (answers that name the target and no other candidate) and ValidRatio (answers that name exactly one
-    candidate), both over all answers."""
+    """LLaRA's metrics from which candidate each answer names [N, C] and where the target is [N]: HR@1 (hits over
+    valid answers, those that name one candidate; 0 without any), ValidRatio, and HR@1 x ValidRatio (hits over all
+    answers)."""
     valid = named.sum(1) == 1  # [N]
-    hit = valid & named.gather(1, target_index[:, None]).squeeze(1)  # [N]
-    return {"hr@1_candidates": hit.sum().item() / len(hit), "valid_ratio": valid.sum().item() / len(valid)}
+    hits = int((valid & named.gather(1, target_index[:, None]).squeeze(1)).sum())
+    n_valid = int(valid.sum())
+    return {
+        "hr@1_candidates": hits / n_valid if n_valid else 0.0,
+        "valid_ratio": n_valid / len(valid),
+        "hr@1_x_valid_ratio": hits / len(valid),
+    }
+
+
+def _starts_with_title(text, title):
+    """Whether text begins with the whole title: the title, then the text's end or a character that ends a word."""
+    return bool(title) and text.startswith(title) and not re.match(r"\w", text[len(title) : len(title) + 1])
 
 
 def _normalized(text):

@@ -10,12 +10,14 @@ def with_companions(results):
 
 
 def comparison_rows(results):
-    """One row per run: test metrics, the best validation score, trainable parameters and timings."""
+    """One row per run: test metrics, the best validation score, the tested stage and its trainable parameters, and
+    timings."""
     rows = []
     for result in results:
         row = {"model": result["model"]}
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
         row[f"best valid {result['valid_metric']}"] = result["best_valid_score"]
+        row["tested stage"] = result.get("tested_stage")  # which stage's best weights the test read
         row["trainable params"] = result["trainable_parameters"]
         row["train time (s)"] = f"{result['train_time']:.1f}" if result["train_time"] is not None else None
         row["eval time (s)"] = f"{result['eval_time']:.1f}"

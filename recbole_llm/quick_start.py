@@ -81,6 +81,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     eval_start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     eval_end = time()
+    trainable, total = count_parameters(model)  # of the tested weights' stage (a stage sets what trains)
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
@@ -95,6 +96,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "test_result": test_result,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "tested_stage": model.stage if isinstance(model, LLMSequentialRecommender) else None,
         "train_time": eval_start - train_start,
         "eval_time": eval_end - eval_start,
         "saved_model_file": trainer.saved_model_file if saved else None,

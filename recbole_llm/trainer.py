@@ -8,6 +8,7 @@ import os
 from contextlib import contextmanager
 from logging import getLogger
 
+import numpy as np
 import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import set_color
@@ -16,7 +17,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from recbole_llm.candidate_evaluation import answers_candidates, evaluate_candidates
+from recbole_llm.candidate_evaluation import evaluate_candidates
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.distributed import DistributedTrainerMixin, LossModule, is_distributed
 from recbole_llm.errors import RecBoleLLMError
@@ -192,16 +193,38 @@ class SafeCheckpointMixin:
 
 class Trainer(DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
     """RecBole's Trainer with safe loading and working multi-process runs: the trainer of RecBole's sequential
-    baselines in this plugin."""
+    baselines in this plugin. With ``candidate_eval``, a test adds LLaRA's candidate protocol (HR@1 and ValidRatio on
+    the same seeded candidates for every model, recbole_llm.candidate_evaluation) to RecBole's metrics."""
+
+    validating = False  # validation and early stopping read RecBole's metrics only
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = self.ranking_result(eval_data, load_best_model, model_file, show_progress)
+        if eval_data and self.config["candidate_eval"] and not self.validating:
+            self.model.eval()
+            with self._out_of_memory_advice("eval"):
+                result.update(evaluate_candidates(self.model, eval_data, self.config))
+        return result
+
+    def ranking_result(self, eval_data, load_best_model, model_file, show_progress):
+        """RecBole's metrics of eval_data."""
+        return super().evaluate(eval_data, load_best_model, model_file, show_progress)
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        self.validating = True
+        try:
+            return super()._valid_epoch(valid_data, show_progress)
+        finally:
+            self.validating = False
 
 
 class LLMTrainer(Trainer):
     """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
-    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, the model's stages, each with
-    validation and early stopping, and (``candidate_eval``) LLaRA's candidate protocol on the test split. The best
-    checkpoint is the best over all stages; each stage starts from it.
+    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, and the model's stages, each with
+    validation and early stopping. Each stage starts from the previous stage's best weights and keeps its own best:
+    early stopping compares a stage's validations with each other, and the test reads the last stage's best.
     """
 
     def __init__(self, config, model):
@@ -244,6 +267,9 @@ class LLMTrainer(Trainer):
         self.epochs = stage.epochs
         self.eval_step = min(self.config["eval_step"], self.epochs)
         self.start_epoch, self.cur_step = 0, 0
+        # the stage's own best: a later stage is kept even where it scores below an earlier one
+        self.best_valid_score = -np.inf if self.valid_metric_bigger else np.inf
+        self.best_valid_result = None
         trainable, _ = count_parameters(self.model)
         self.logger.info(set_color(f"stage '{stage.name}'", "green") + f": {stage.epochs} epochs, {trainable:,} trainable parameters")
 
@@ -351,27 +377,17 @@ class LLMTrainer(Trainer):
             f"effective batch of {size * self.grad_accum_steps}, or set gradient_checkpointing=True"
         )
 
-    def _valid_epoch(self, valid_data, show_progress=False):
-        self.validating = True  # validation and early stopping read RecBole's metrics only
-        try:
-            return super()._valid_epoch(valid_data, show_progress)
-        finally:
-            self.validating = False
-
     @torch.no_grad()
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+    def ranking_result(self, eval_data, load_best_model, model_file, show_progress):
         if load_best_model and eval_data:
             self._load_best(model_file or self.saved_model_file)
         if eval_data:
             self.model.eval()  # the hook computes item matrices: without dropout
             with self._out_of_memory_advice("items"):
                 self.model.begin_evaluation()
-        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        result = super().ranking_result(eval_data, False, None, show_progress)
         if eval_data:
             self.model.end_evaluation()
-        if eval_data and self.config["candidate_eval"] and answers_candidates(self.model) and not self.validating:
-            with self._out_of_memory_advice("eval"):
-                result.update(evaluate_candidates(self.model, eval_data, self.config))
         return result
 
     def _load_best(self, checkpoint_file):

@@ -166,7 +166,7 @@ def test_a_bad_setting_fails_before_the_cf_model_trains(cli, tmp_path, model):
     "model, setting, fragment",
     [
         ("RSLLM", {"prompt_template": "This user has watched. Predict the next movie:"}, "must contain {history}"),
-        ("RSLLM", {"candidate_prompt_template": "Watched{history}. Pick one:"}, "must contain {history} then {candidates}"),
+        ("RSLLM", {"candidate_template": " Pick one:"}, "must contain {candidates}"),
         ("Laser", {"prompt_item_marker": " >> item"}, "prompt_item_marker is ' >> item': it must hold {index} once"),
         ("Laser", {"item_text_template": "a movie"}, "item_text_template 'a movie' has no placeholder"),
     ],

@@ -2,17 +2,19 @@
 
 import copy
 import logging
+import string
 
 import pytest
 import torch
 from recbole.data import create_dataset, data_preparation
 from torch import nn
+from transformers import LlamaTokenizer
 
 from conftest import TINY_DATASET, tiny_config
 from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.llm.item_text import ItemTextTable, item_texts, item_texts_from_config, text_settings
+from recbole_llm.llm.item_text import ItemTextTable, article_first, item_texts, item_texts_from_config, text_settings
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 
 HEAD = "You are a recommendation assistant. In chronological order, the user has watched the following movies:"
@@ -158,6 +160,22 @@ def test_without_a_template_the_fields_are_joined_and_a_title_is_the_first_field
         text_settings({"item_text_fields": None})
 
 
+def test_trailing_articles_are_written_first_when_title_articles_names_them(dataset_and_batch):
+    config, dataset, _ = dataset_and_batch
+    usual_suspects, toy_story = dataset.token2id("item_id", "12"), dataset.token2id("item_id", "1")
+    assert item_texts_from_config(config, dataset)[usual_suspects] == "Usual Suspects, The (1995)"  # as stored
+    fields, template = ["movie_title", "release_year"], "{movie_title} ({release_year})"
+    texts = item_texts(dataset, fields, template, title_articles=["The", "A"])
+    assert texts[usual_suspects] == "The Usual Suspects (1995)" and texts[toy_story] == "Toy Story (1995)"
+    assert item_texts(dataset, fields, template, title_articles=["A"])[usual_suspects] == "Usual Suspects, The (1995)"
+    # titles that carry their year or an original title: the article moves, what follows the title stays
+    assert article_first("Usual Suspects, The (1995)", ["The"]) == "The Usual Suspects (1995)"
+    assert article_first("Big Blue, The (Grand bleu, Le)", ["The", "Le"]) == "The Big Blue (Grand bleu, Le)"
+    assert article_first("Star Maker, L'", ["L'"]) == "L'Star Maker"
+    assert article_first("Die xue shuang xiong (Killer, The)", ["The"]) == "Die xue shuang xiong (Killer, The)"
+    assert article_first("Crumb", ["The"]) == "Crumb"
+
+
 # --- prompt text and padding -------------------------------------------------------------------------------------
 
 
@@ -199,6 +217,25 @@ def test_long_histories_keep_the_most_recent_items(item_text, tokenizer, histori
     for row in range(3):
         recent = history(item_seq, item_len, row)[-3:]
         assert real_ids(prompt, row) == ids_of(tokenizer, expected_text(item_text, recent))
+
+
+def test_a_llama_tokenizer_gets_its_bos_first_and_a_following_piece_none(dataset_and_batch, histories, item_text,
+                                                                         tokenizer):
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: k + 3 for k, c in enumerate("▁" + string.printable.strip())}}
+    llama_tokenizer = LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)  # Llama 2/3 write <s> first
+    config, dataset, _ = dataset_and_batch
+    llama_text = ItemTextTable.from_config(config, item_texts_from_config(config, dataset), llama_tokenizer)
+    llama_embed = nn.Embedding(len(llama_tokenizer), D)
+    prompt = make_assembler(llama_text, llama_tokenizer, n_prefix=2).assemble(
+        *histories, llama_embed, prefix=torch.zeros(3, 2, D)
+    )
+    first_real = prompt.attention_mask.argmax(1)  # [B] left padding, then the prompt
+    assert (prompt.input_ids[torch.arange(3), first_real] == llama_tokenizer.bos_token_id).all()
+    assert (prompt.prefix_positions[:, 0] == first_real + 1).all()  # the learned prefix follows the BOS
+    assert (prompt.input_ids == llama_tokenizer.bos_token_id).sum() == 3  # once per prompt
+    following = make_assembler(llama_text, llama_tokenizer, starts_prompt=False).assemble(*histories, llama_embed)
+    assert not (following.input_ids == llama_tokenizer.bos_token_id).any()
+    assert len(make_assembler(item_text, tokenizer).bos_ids) == 0  # SmolLM2's tokenizer writes none
 
 
 def test_an_item_alone_is_a_one_item_history(item_text, tokenizer, embed):

@@ -11,7 +11,8 @@ from peft.tuners.lora import LoraLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import RSLLM_SIZES, TINY_DATASET, tiny_config
-from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates, sample_candidates
+from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates
+from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
 from recbole_llm.errors import RecBoleLLMError
@@ -52,32 +53,54 @@ def test_too_many_candidates_for_a_history_is_a_one_line_error():
     assert "\n" not in str(caught.value)
 
 
-def test_hit_ratio_and_valid_ratio_on_a_hand_made_example():
-    answers = ["Toy Story (1995)", "  heat (1995) ", "GoldenEye (1995) or Heat (1995)", "a movie", "Casino (1995)"]
+def test_hit_ratio_is_hits_over_valid_answers_as_llara_defines_it():
+    answers = ["Toy Story (1995)", "  heat (1995) ", "GoldenEye (1995) or Heat (1995)", "a movie", "Casino (1995)."]
     candidate_names = [
         ["Heat (1995)", "Toy Story (1995)"],  # names the target: valid hit
         ["Heat (1995)", "Casino (1995)"],  # names one candidate (case and spacing ignored), not the target: valid miss
-        ["GoldenEye (1995)", "Heat (1995)"],  # names two: not valid
+        ["GoldenEye (1995)", "Heat (1995)"],  # begins with the target's title: valid hit
         ["Heat (1995)", "Casino (1995)"],  # names none: not valid
-        ["Heat (1995)", "Casino (1995)"],  # names the target: valid hit
+        ["Heat (1995)", "Casino (1995)"],  # names the target, then a full stop: valid hit
     ]
     target_index = torch.tensor([1, 1, 0, 0, 1])
 
     named = named_candidates(answers, candidate_names)
-    assert named.tolist() == [[False, True], [True, False], [True, True], [False, False], [False, True]]
-    assert candidate_metrics(named, target_index) == {"hr@1_candidates": 2 / 5, "valid_ratio": 3 / 5}
+    assert named.tolist() == [[False, True], [True, False], [True, False], [False, False], [False, True]]
+    assert candidate_metrics(named, target_index) == {
+        "hr@1_candidates": 3 / 4,  # hits over the 4 valid answers
+        "valid_ratio": 4 / 5,
+        "hr@1_x_valid_ratio": 3 / 5,  # hits over all answers
+    }
+    assert candidate_metrics(torch.zeros(2, 3, dtype=torch.bool), torch.tensor([0, 1]))["hr@1_candidates"] == 0
+
+
+def test_an_answer_names_a_whole_title_not_a_substring():
+    answers = ["Men in Black", "M", "Mendy", "Heat Wave (1990)", "The Usual Suspects.\n2. Heat", "1. M"]
+    candidate_names = [
+        ["M", "Men in Black"],  # "M" is inside "Men in Black" but not a whole title of it
+        ["M", "Men in Black"],
+        ["M", "Heat"],  # "Mendy" begins with the letter M, not with the title M
+        ["Heat", "Heat Wave"],  # the longest title the answer begins with
+        ["The Usual Suspects", "Heat"],  # the first line only
+        ["M", "Heat"],  # a title inside the answer, not at its start, is not named
+    ]
+    assert named_candidates(answers, candidate_names).tolist() == [
+        [False, True], [True, False], [False, False], [False, True], [True, False], [False, False]
+    ]
 
 
 def test_candidate_prompt_joins_two_left_padded_prompts_into_one():
-    def prompt(tokens, mask):  # token k has the embedding [k]
+    def prompt(tokens, mask):  # token k has the id k and the embedding [k]
         embeds = torch.tensor(tokens, dtype=torch.float)[..., None]  # [B, T, 1]
-        return SimpleNamespace(inputs_embeds=embeds, attention_mask=torch.tensor(mask))
+        return SimpleNamespace(inputs_embeds=embeds, attention_mask=torch.tensor(mask), input_ids=torch.tensor(tokens))
 
     history = prompt([[0, 1, 2], [3, 4, 5]], [[0, 1, 1], [1, 1, 1]])
     listing = prompt([[0, 6, 7], [0, 0, 8]], [[0, 1, 1], [0, 0, 1]])
-    inputs_embeds, attention_mask = joined(history, listing)
-    assert attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
-    assert inputs_embeds[..., 0][attention_mask.bool()].reshape(2, 4).tolist() == [[1, 2, 6, 7], [3, 4, 5, 8]]
+    both = joined(history, listing)
+    assert both.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert both.inputs_embeds[..., 0][both.attention_mask.bool()].reshape(2, 4).tolist() == [[1, 2, 6, 7], [3, 4, 5, 8]]
+    assert both.input_ids[both.attention_mask.bool()].reshape(2, 4).tolist() == [[1, 2, 6, 7], [3, 4, 5, 8]]
+    assert both.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 0, 0, 1, 2, 3]]
 
 
 # ---- What trains, and what stays frozen ------------------------------------------------------------------------
@@ -90,7 +113,7 @@ def trainable_names(model):
 def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(rsllm):
     rsllm.set_stage(UNIFIED)
     names = trainable_names(rsllm)
-    assert {name.split(".")[0] for name in names} == {"llm", "projector", "state_head", "title_head"}
+    assert {name.split(".")[0] for name in names} == {"llm", "projector", "slot_gate", "state_head", "title_head"}
     assert all("lora_" in name for name in names if name.startswith("llm."))
     rsllm.set_stage(TEXT_ONLY)
     assert {name.split(".")[0] for name in trainable_names(rsllm)} == {"llm", "state_head"}
@@ -111,10 +134,15 @@ def test_id_slots_hold_the_projected_embeddings_and_text_only_prompts_have_none(
     item_seq, item_len = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN]
     with torch.no_grad():
         rsllm.set_stage(UNIFIED)
+        assert rsllm.slot_gate == 0  # closed at the start: stage 2's prompts begin with empty slots
+        assert (rsllm.user_prompt(item_seq, item_len).inputs_embeds == 0).all(-1).sum() >= item_len.clamp(max=3).sum()
+        rsllm.slot_gate.fill_(0.5)
         unified = rsllm.user_prompt(item_seq, item_len)
-        projected = rsllm.projector(rsllm.cf_encoder.item_embeddings[item_seq])  # [B, L, d_llm]
+        projected = 0.5 * rsllm.projector(rsllm.cf_encoder.item_embeddings[item_seq])  # [B, L, d_llm]
+        assert projected.abs().sum() > 0
         rsllm.set_stage(TEXT_ONLY)
         text_only = rsllm.user_prompt(item_seq, item_len)
+        rsllm.slot_gate.zero_()
 
     has_slot = unified.slot_positions >= 0  # [B, L]
     assert torch.equal(has_slot.sum(1), item_len.clamp(max=3))  # one slot per written item
@@ -148,6 +176,37 @@ def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
     assert torch.equal(inputs_embeds[:, :prompt_length], prompt.inputs_embeds)
 
 
+@pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])
+def test_training_prompts_list_candidates_after_the_user_prompt(rsllm, batch, stage):
+    rsllm.set_stage(stage)
+    item_seq, item_len, next_items = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN], batch[rsllm.POS_ITEM_ID]
+    with torch.no_grad():
+        prompt, user_positions = rsllm.training_prompt(item_seq, item_len, next_items)  # candidate_train_share 1
+        user_prompt = rsllm.user_prompt(item_seq, item_len)
+        states = rsllm.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
+        user_states = rsllm.prompt_state(user_prompt)
+
+    listing_head = rsllm.tokenizer(" Choose the answer from", add_special_tokens=False)["input_ids"]
+    for b, item in enumerate(next_items.tolist()):
+        words = prompt.input_ids[b][prompt.attention_mask[b].bool()].tolist()
+        user_words = user_prompt.input_ids[b][user_prompt.attention_mask[b].bool()].tolist()
+        assert words[: len(user_words)] == user_words  # the user prompt, then the list
+        assert words[len(user_words) : len(user_words) + len(listing_head)] == listing_head
+        title = rsllm.title_ids[item, : rsllm.item_text_lengths[item]].tolist()
+        assert any(words[k : k + len(title)] == title for k in range(len(user_words), len(words)))  # the target listed
+        assert user_positions[b] == prompt.attention_mask.shape[1] - 1 - (len(words) - len(user_words))
+    # where the user prompt ends, the causal LLM's state is the user prompt's own: the list does not reach it
+    assert torch.allclose(states[torch.arange(len(states)), user_positions].float(), user_states, atol=1e-4)
+
+
+def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
+    model = tiny.build(candidate_train_share=0.0)
+    item_seq, item_len, next_items = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
+    prompt, user_positions = model.training_prompt(item_seq, item_len, next_items)
+    assert torch.equal(prompt.input_ids, model.user_prompt(item_seq, item_len).input_ids)
+    assert (user_positions == prompt.input_ids.shape[1] - 1).all()
+
+
 # ---- Hyper-parameters ------------------------------------------------------------------------------------------
 
 
@@ -160,7 +219,8 @@ def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
         ({"n_candidates": 1}, "n_candidates is 1"),
         ({"prompt_template": "This user has watched movies."}, "prompt_template"),
         ({"item_prompt_template": "{item} and {item}"}, "item_prompt_template"),
-        ({"candidate_prompt_template": "Pick from{candidates} given{history}:"}, "{history} then {candidates}"),
+        ({"candidate_template": "Pick one:"}, "must contain {candidates}"),
+        ({"candidate_train_share": 1.5}, "candidate_train_share"),
         ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
     ],
 )
@@ -334,8 +394,10 @@ def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
     assert ("hr@1_candidates" in test_result) == candidate_eval == ("valid_ratio" in test_result)
     assert "hr@1_candidates" not in result["best_valid_result"]  # validation reads RecBole's metrics only
     if candidate_eval:
-        assert 0 <= test_result["hr@1_candidates"] <= test_result["valid_ratio"] <= 1
+        assert 0 <= test_result["hr@1_x_valid_ratio"] <= test_result["valid_ratio"] <= 1
+        assert 0 <= test_result["hr@1_candidates"] <= 1
         assert "test hr@1_candidates" in comparison_rows([result])[0]
     checkpoint = load_checkpoint(result["saved_model_file"])
-    assert checkpoint["stage"] in (TEXT_ONLY, UNIFIED)
+    assert checkpoint["stage"] == result["tested_stage"] == UNIFIED  # the last stage's best
+    assert comparison_rows([result])[0]["tested stage"] == UNIFIED
     assert not any(key.startswith("llm.") and "lora_" not in key for key in checkpoint["state_dict"])

@@ -100,6 +100,19 @@ def test_checkpoint_holds_only_trainable_weights_and_reloads_identically(toy, tm
     assert fresh_model.stage == checkpoint["stage"]
 
 
+def test_the_test_reads_the_last_stages_best_even_below_an_earlier_stage(toy, monkeypatch):
+    config, model, trainer, (train_data, valid_data, test_data) = toy(stage2_epochs=3, stopping_step=1)
+    scores = iter([0.5, 0.1, 0.2, 0.15])  # stage 1: 0.5; stage 2: 0.1, 0.2 (its best), 0.15
+    monkeypatch.setattr(trainer, "_valid_epoch", lambda *args, **kwargs: (score := next(scores), {"ndcg@10": score}))
+    best_score, best_result = trainer.fit(train_data, valid_data)
+
+    checkpoint = load_checkpoint(trainer.saved_model_file)
+    assert (checkpoint["stage"], checkpoint["epoch"], checkpoint["best_valid_score"]) == ("items", 1, 0.2)
+    assert (best_score, best_result) == (0.2, {"ndcg@10": 0.2})  # stage 2's own best, not stage 1's 0.5
+    trainer.evaluate(test_data, load_best_model=True)
+    assert model.stage == "items"
+
+
 def test_misfit_checkpoint_is_refused_in_one_line(toy):
     _, model, trainer, (train_data, valid_data, _) = toy()
     trainer.fit(train_data, valid_data)

@@ -1,6 +1,7 @@
 """The text of every item, written from the dataset's own item features and tokenized once."""
 
 import logging
+import re
 import string
 
 import torch
@@ -16,13 +17,16 @@ def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-def item_texts(dataset, fields: list[str], template: str, empty_item_text: str = "error") -> list[str]:
+def item_texts(dataset, fields: list[str], template: str, empty_item_text: str = "error", title_articles=None) -> list[str]:
     """The text of every item, by internal id, from the dataset's own item features; item 0 (padding) has none.
 
-    An item whose fields are all empty is an error, or (empty_item_text='id') is written as `item <its id>`.
+    An item whose fields are all empty is an error, or (empty_item_text='id') is written as `item <its id>`. The
+    first field is the title: one of `title_articles` stored at its end is written first (article_first).
     """
     _check_fields(dataset, fields, template)
     words = {field: _field_words(dataset, field) for field in fields}  # field -> [n_items] strings
+    if title_articles:
+        words[fields[0]] = [article_first(title, title_articles) for title in words[fields[0]]]
     texts = [""]
     for item in range(1, dataset.item_num):
         values = {field: words[field][item] for field in fields}
@@ -42,6 +46,18 @@ def item_texts(dataset, fields: list[str], template: str, empty_item_text: str =
         texts[item] = f"item {item_ids[item]}"
     logging.getLogger().warning(f"{what}: written as 'item <id>', e.g. {texts[empty[0]]!r}")
     return texts
+
+
+def article_first(title: str, articles) -> str:
+    """A title stored with its article at the end, as MovieLens does, written as said: 'Usual Suspects, The' ->
+    'The Usual Suspects', 'Usual Suspects, The (1995)' -> 'The Usual Suspects (1995)'; an elided article joins its
+    word ('Star Maker, L'' -> "L'Star Maker"). Other titles stay as they are."""
+    pattern = r"(?P<main>.+?), (?P<article>" + "|".join(map(re.escape, articles)) + r")(?P<rest> \(.*\))?"
+    match = re.fullmatch(pattern, title)
+    if match is None:
+        return title
+    article = match["article"] if match["article"].endswith("'") else match["article"] + " "
+    return article + match["main"] + (match["rest"] or "")
 
 
 def text_settings(config, title_only=False):
@@ -65,12 +81,15 @@ def check_item_text_settings(config, dataset):
     empty_item_text = config["empty_item_text"]
     if empty_item_text not in EMPTY_TEXT_CHOICES:
         raise RecBoleLLMError(f"empty_item_text is {empty_item_text!r}: use one of {', '.join(EMPTY_TEXT_CHOICES)}")
+    articles = config["title_articles"]
+    if articles is not None and not (isinstance(articles, list) and all(isinstance(a, str) and a for a in articles)):
+        raise RecBoleLLMError(f"title_articles is {articles!r}: use a list of words, e.g. [The, A, An], or None")
     _check_fields(dataset, *text_settings(config))
 
 
 def item_texts_from_config(config, dataset, title_only=False) -> list[str]:
-    """item_texts with the settings item_text_fields, item_text_template and empty_item_text."""
-    return item_texts(dataset, *text_settings(config, title_only), config["empty_item_text"])
+    """item_texts with the settings item_text_fields, item_text_template, empty_item_text and title_articles."""
+    return item_texts(dataset, *text_settings(config, title_only), config["empty_item_text"], config["title_articles"])
 
 
 class ItemTextTable:

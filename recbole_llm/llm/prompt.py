@@ -32,7 +32,8 @@ class PromptAssembler(nn.Module):
     keeping the most recent `max_prompt_items` items, numbered 1..n in that window (the item marker holds {index}
     once: the models check their settings). The separator goes between items, not after the last. `bos` is the
     token the tokenizer itself writes first (Llama's; SmolLM2's and Qwen's write none), before the learned prefix: the
-    LLM was trained with it there. A module only so that `.to(device)` moves the cached ids.
+    LLM was trained with it there; a piece that follows another prompt (`starts_prompt=False`: RSLLM's candidate list)
+    has none. A module only so that `.to(device)` moves the cached ids.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class PromptAssembler(nn.Module):
         n_prefix: int = 0,
         n_suffix: int = 0,
         use_slots: bool = False,
+        starts_prompt: bool = True,
     ):
         super().__init__()
         self.max_prompt_items, self.n_prefix, self.n_suffix = max_prompt_items, n_prefix, n_suffix
@@ -56,6 +58,7 @@ class PromptAssembler(nn.Module):
         texts = [head, item_separator, tail] + [item_marker.format(index=k) for k in range(1, max_prompt_items + 1)]
         head_ids, separator_ids, tail_ids, *markers = tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos_ids = [i for i in tokenizer("", add_special_tokens=True)["input_ids"] if i == tokenizer.bos_token_id]
+        bos_ids = bos_ids if starts_prompt else []
         marker_lengths = torch.tensor([len(ids) for ids in markers])  # [P]
         marker_ids = torch.full((max_prompt_items, int(marker_lengths.max())), self.pad_token_id)  # [P, M]
         for k, ids in enumerate(markers):

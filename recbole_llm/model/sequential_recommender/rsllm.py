@@ -3,9 +3,10 @@
 A frozen CF model's item ID embeddings are projected into the LLM's input space and written into the prompt beside
 each item's title (the unified prompt), so the user's behaviour reads as a language of its own. The LLM is tuned
 with LoRA on a language-modeling loss (write the next item's title) plus two InfoNCE losses: user state vs. next
-item, and projected ID vs. title. Stage 1 trains on text-only prompts, stage 2 on unified prompts. The model ranks
-all items with its user state against an item tower (RecBole's full ranking), and can pick one of 20 candidates by
-writing its title (LLaRA's protocol, recbole_llm.candidate_evaluation).
+item, and projected ID vs. title. As LLaRA trains, a training prompt lists candidates (the next item among others)
+after the history, and the LM loss teaches the LLM to answer with the next item's title. Stage 1 trains on text-only
+prompts, stage 2 on unified prompts. The model ranks all items with its user state against an item tower (RecBole's
+full ranking), and picks one of 20 candidates by writing its title (LLaRA's protocol, recbole_llm.candidate_evaluation).
 """
 
 import copy
@@ -21,8 +22,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
 from recbole_llm.llm.backbone import cut_layers, last_hidden_states, llm_from_config
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
-from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
+from recbole_llm.llm.prompt import Prompt, PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
+from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.model.collaborative import CollaborativeEncoder
 from recbole_llm.model.layers import Projector
 
@@ -39,10 +41,9 @@ class RSLLM(LLMSequentialRecommender):
         item_texts = item_texts_from_config(config, dataset, title_only=config["item_title_only"])
         user_head, user_tail = template_parts(config, "prompt_template", "history")
         item_head, item_tail = template_parts(config, "item_prompt_template", "item")
-        candidate_head, candidate_middle, candidate_tail = template_parts(
-            config, "candidate_prompt_template", "history", "candidates"
-        )
+        listing_head, listing_tail = template_parts(config, "candidate_template", "candidates")
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
+        self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen.
@@ -50,22 +51,25 @@ class RSLLM(LLMSequentialRecommender):
         self.tokenizer = backbone.tokenizer
         self.llm = with_lora(backbone.model, config)
 
-        # 2. Prompts: each item as its title followed by one ID slot (unified) or by nothing (text-only).
+        # 2. Prompts: each item as its title followed by one ID slot (unified) or by nothing (text-only); a candidate
+        # list follows a user prompt, so the user state at the prompt's end reads the history alone.
         item_text = ItemTextTable.from_config(config, item_texts, self.tokenizer)
         self.user_prompts = self.prompt_pair(config, item_text, user_head, user_tail, config["max_prompt_items"])
         self.item_prompts = self.prompt_pair(config, item_text, item_head, item_tail, 1)
-        self.candidate_history_prompts = self.prompt_pair(
-            config, item_text, candidate_head, candidate_middle, config["max_prompt_items"]
+        self.candidate_lists = self.prompt_pair(
+            config, item_text, listing_head, listing_tail, self.n_candidates, starts_prompt=False
         )
-        self.candidate_list_prompts = self.prompt_pair(config, item_text, "", candidate_tail, config["n_candidates"])
         self.register_buffer("title_ids", item_text.token_ids, persistent=False)  # [n_items, max_item_tokens]
         titles = [ids[:n] for ids, n in zip(item_text.token_ids.tolist(), item_text.lengths.tolist())]
         self.item_names = [name.strip() for name in self.tokenizer.batch_decode(titles)]  # as the LLM reads them
         self.max_answer_tokens = int(item_text.lengths.max()) + 1  # the longest title and the end token
         self.fit_prompts_to_context(config, backbone)
 
-        # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space.
+        # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space. The ID slots enter the
+        # prompts through a gate that starts closed: stage 2 starts from stage 1's function (but for the attention the
+        # empty slots draw), while L_id_text trains the projector from its first step.
         self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
+        self.slot_gate = nn.Parameter(torch.zeros(()))
 
         # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
@@ -96,15 +100,17 @@ class RSLLM(LLMSequentialRecommender):
         users = config["n_candidate_users"]
         require(config, "n_candidate_users", users is None or is_int(users) and users > 0,
                 "it must be a positive integer, or None for every test user")
+        share = config["candidate_train_share"]
+        require(config, "candidate_train_share", is_number(share) and 0 <= share <= 1, "it must be a share in [0, 1]")
         template_parts(config, "prompt_template", "history")
         template_parts(config, "item_prompt_template", "item")
-        template_parts(config, "candidate_prompt_template", "history", "candidates")
+        template_parts(config, "candidate_template", "candidates")
 
     @classmethod
     def reads_cf_model(cls, config):
         return True
 
-    def prompt_pair(self, config, item_text, head, tail, max_items):
+    def prompt_pair(self, config, item_text, head, tail, max_items, starts_prompt=True):
         """The text-only and the unified assembler of one template: the same words, without and with ID slots."""
         return nn.ModuleDict({
             stage: PromptAssembler(
@@ -116,20 +122,20 @@ class RSLLM(LLMSequentialRecommender):
                 tail=tail,
                 max_prompt_items=max_items,
                 use_slots=stage == UNIFIED,
+                starts_prompt=starts_prompt,
             )
             for stage in (TEXT_ONLY, UNIFIED)
         })
 
     def fit_prompts_to_context(self, config, backbone):
-        """Long histories lose their oldest items where a prompt and what follows it would not fit the context."""
+        """Long histories lose their oldest items where a prompt and what follows it (a candidate list where there
+        is one, then the answer) would not fit the context."""
         context, name = backbone.context_length(), backbone.name
-        fit_to_context(self.user_prompts.values(), context, name, reserved_tokens=self.max_answer_tokens)
+        lists_candidates = config["candidate_eval"] or self.candidate_share > 0
+        listing = max(int(prompt.longest_prompt_lengths()[-1]) for prompt in self.candidate_lists.values())
+        reserved = self.max_answer_tokens + (listing if lists_candidates else 0)
+        fit_to_context(self.user_prompts.values(), context, name, reserved_tokens=reserved)
         fit_to_context(self.item_prompts.values(), context, name)
-        if config["candidate_eval"]:  # the history, then the candidate list, then the generated answer
-            listing = max(int(prompt.longest_prompt_lengths()[-1]) for prompt in self.candidate_list_prompts.values())
-            fit_to_context(
-                self.candidate_history_prompts.values(), context, name, reserved_tokens=listing + self.max_answer_tokens
-            )
 
     def frozen_modules(self):
         return [self.cf_encoder, self.llm]  # the LLM's LoRA weights require grad, so checkpoints keep them
@@ -163,7 +169,7 @@ class RSLLM(LLMSequentialRecommender):
         """The projected ID embedding of every item of item_seq [B, L] -> [B, L, d_llm]; None for text-only prompts."""
         if stage == TEXT_ONLY:
             return None
-        return self.projector(self.cf_encoder.item_embeddings[item_seq])
+        return self.slot_gate * self.projector(self.cf_encoder.item_embeddings[item_seq])
 
     def user_prompt(self, item_seq, item_len):
         """The stage's prompt of each history: titles, with ID slots in the unified stage."""
@@ -189,22 +195,43 @@ class RSLLM(LLMSequentialRecommender):
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         next_items = interaction[self.POS_ITEM_ID]  # [B]
-        prompt = self.user_prompt(item_seq, item_len)
+        prompt, user_positions = self.training_prompt(item_seq, item_len, next_items)
         inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
         hidden = self.last_hidden_states(inputs_embeds, attention_mask, position_ids)  # [B, T + answer, d_llm]
         lm_loss = self.language_modeling_loss(hidden, labels)
 
-        # the answer comes after the prompt, so the causal LLM's state at the last prompt position ignores it
-        user_states = self.state_head(hidden[:, prompt.inputs_embeds.shape[1] - 1].float())  # [B, d_llm]
+        # the causal LLM's state where the user prompt ends ignores the candidates and the answer that follow it
+        user_states = self.state_head(hidden[torch.arange(len(hidden), device=hidden.device), user_positions])
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
         user_item_loss = info_nce(user_states, self.item_embedding(items), next_index, self.tau)
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
-        projected_ids = self.projector(self.cf_encoder.item_embeddings[items])  # [U, d_llm]
+        projected_ids = self.projector(self.cf_encoder.item_embeddings[items])  # [U, d_llm], before the slot gate
         title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
         id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
         return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss
+
+    def training_prompt(self, item_seq, item_len, next_items):
+        """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
+        n_candidates candidates: the next item and items outside the history, drawn afresh for every batch. Returns
+        the prompt and where each user prompt ends [B]."""
+        prompt = self.user_prompt(item_seq, item_len)
+        listed = torch.rand(len(item_seq)) < self.candidate_share  # [B] the rows whose prompt lists candidates
+        if not listed.any():
+            return prompt, torch.full_like(item_len, prompt.attention_mask.shape[1] - 1)
+        candidates, _ = sample_candidates(item_seq.cpu(), next_items.cpu(), self.n_items, self.n_candidates)
+        listing = self.candidate_list(candidates.to(item_seq.device))
+        listing.attention_mask[~listed.to(item_seq.device)] = 0  # the other rows' lists become padding
+        prompt = joined(prompt, listing)
+        return prompt, prompt.attention_mask.shape[1] - 1 - listing.attention_mask.sum(1)
+
+    def candidate_list(self, candidates):
+        """The stage's list of candidates [B, C] that follows a user prompt (with ID slots in the unified stage)."""
+        return self.candidate_lists[self.stage].assemble(
+            candidates, torch.full_like(candidates[:, 0], candidates.shape[1]), self.input_embeddings(),
+            slots=self.id_slots(candidates, self.stage),
+        )
 
     def with_answer(self, prompt, items):
         """The prompt followed by each item's title and the end token, and the LM labels: -100 everywhere but on
@@ -219,7 +246,7 @@ class RSLLM(LLMSequentialRecommender):
         attention_mask = torch.cat([prompt.attention_mask, in_answer.long()], dim=1)
         answer_positions = prompt.position_ids[:, -1:] + 1 + torch.arange(answer_length, device=items.device)
         position_ids = torch.cat([prompt.position_ids, answer_positions], dim=1)
-        prompt_labels = torch.full_like(prompt.input_ids, IGNORED)
+        prompt_labels = torch.full_like(prompt.attention_mask, IGNORED)
         labels = torch.cat([prompt_labels, answer_ids.masked_fill(~in_answer, IGNORED)], dim=1)
         return inputs_embeds, attention_mask, position_ids, labels
 
@@ -245,40 +272,36 @@ class RSLLM(LLMSequentialRecommender):
         if name != self.stage:
             self.item_matrix_outdated()  # the item tower reads the stage's prompts
         super().set_stage(name)
-        # text-only prompts have no ID slots and L_id_text is off: projector and title head get no update
-        self.projector.requires_grad_(name == UNIFIED)
-        self.title_head.requires_grad_(name == UNIFIED)
+        # text-only prompts have no ID slots and L_id_text is off: projector, slot gate and title head get no update
+        for weights in (self.projector, self.slot_gate, self.title_head):
+            weights.requires_grad_(name == UNIFIED)
 
     # ---- 6a. Full ranking: user state . item tower of all items --------------------------------------------------
 
     def user_states(self, interaction):
-        """Unit-norm user states [B, d_llm] of the histories of a batch."""
+        """Unit-norm user states [B, d_llm] of the histories of a batch, in fp32."""
         prompt = self.user_prompt(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return F.normalize(self.state_head(self.prompt_state(prompt)), dim=-1)
+        return F.normalize(self.state_head(self.prompt_state(prompt)).float(), dim=-1)
 
     def predict(self, interaction):
-        item_rows = self.item_matrix[interaction[self.ITEM_ID]]  # [B, d_llm]
-        return (self.user_states(interaction) * item_rows).sum(-1) / self.tau
+        user_states = self.user_states(interaction)
+        with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, as info_nce
+            return (user_states * self.item_matrix[interaction[self.ITEM_ID]]).sum(-1) / self.tau  # [B]
 
     def full_sort_predict(self, interaction):
-        return self.user_states(interaction) @ self.item_matrix.T / self.tau  # [B, n_items]
+        user_states = self.user_states(interaction)
+        with torch.autocast(user_states.device.type, enabled=False):
+            return user_states @ self.item_matrix.T / self.tau  # [B, n_items]
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
 
     @torch.no_grad()
     def answer_candidates(self, item_seq, item_len, candidates):
-        """Greedy answers (strings) to the prompt listing each history [B, L] and its candidates [B, C]."""
-        history = self.candidate_history_prompts[self.stage].assemble(
-            item_seq, item_len, self.input_embeddings(), slots=self.id_slots(item_seq, self.stage)
-        )
-        listing = self.candidate_list_prompts[self.stage].assemble(
-            candidates, torch.full_like(candidates[:, 0], candidates.shape[1]), self.input_embeddings(),
-            slots=self.id_slots(candidates, self.stage),
-        )
-        inputs_embeds, attention_mask = joined(history, listing)
+        """Greedy answers (strings) to each history's [B, L] user prompt followed by its candidates [B, C]."""
+        prompt = joined(self.user_prompt(item_seq, item_len), self.candidate_list(candidates))
         answer_ids = self.llm.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            inputs_embeds=prompt.inputs_embeds,
+            attention_mask=prompt.attention_mask,
             max_new_tokens=self.max_answer_tokens,
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -289,18 +312,28 @@ class RSLLM(LLMSequentialRecommender):
 
 def info_nce(queries, keys, positives, tau):
     """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
-    other keys are its negatives."""
-    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / tau  # [N, K]
-    return F.cross_entropy(logits, positives)
+    other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at |logit| ~ 20."""
+    with torch.autocast(queries.device.type, enabled=False):
+        logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / tau  # [N, K]
+        return F.cross_entropy(logits, positives)
 
 
 def joined(first, second):
     """Two left-padded prompts one after the other, padded on the left again so generation continues at the right
-    end: inputs_embeds [B, T1 + T2, d] and attention_mask [B, T1 + T2]."""
+    end: a Prompt of inputs_embeds [B, T1 + T2, d], attention_mask and position_ids (no learned positions)."""
     inputs_embeds = torch.cat([first.inputs_embeds, second.inputs_embeds], dim=1)
     attention_mask = torch.cat([first.attention_mask, second.attention_mask], dim=1)
     order = attention_mask.argsort(dim=1, stable=True)  # padding (0) first, then the tokens in their order
-    return inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds)), attention_mask.gather(1, order)
+    attention_mask = attention_mask.gather(1, order)
+    return Prompt(
+        inputs_embeds=inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds)),
+        attention_mask=attention_mask,
+        input_ids=torch.cat([first.input_ids, second.input_ids], dim=1).gather(1, order),
+        prefix_positions=None,
+        suffix_positions=None,
+        slot_positions=None,
+        position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+    )
 
 
 def with_lora(model, config):
