@@ -72,6 +72,11 @@ def advises_on_out_of_memory(phase):
     return decorate
 
 
+def cpu_computes_bf16():
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 matrix products beat fp32's."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 class SafeCheckpointMixin:
     """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume), writes checkpoints as data
     and atomically, keeps a resume point after every epoch (recbole_llm.resume), and turns a non-finite loss and CUDA's
@@ -191,20 +196,25 @@ class SafeCheckpointMixin:
         return f"while {doing} ({key}={size}): lower {key}" + (f", e.g. to {size // 2}" if size > 1 else "")
 
 
-class Trainer(DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
-    """RecBole's Trainer with safe loading and working multi-process runs: the trainer of RecBole's sequential
-    baselines in this plugin. With ``candidate_eval``, a test adds LLaRA's candidate protocol (HR@1 and ValidRatio on
-    the same seeded candidates for every model, recbole_llm.candidate_evaluation) to RecBole's metrics."""
+class CandidateEvaluationMixin:
+    """With ``candidate_eval``, a test adds LLaRA's candidate protocol (HR@1 and ValidRatio on the same seeded
+    candidates for every sequential model, recbole_llm.candidate_evaluation) to RecBole's metrics; validations read
+    RecBole's metrics only."""
 
-    validating = False  # validation and early stopping read RecBole's metrics only
+    validating = False
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = self.ranking_result(eval_data, load_best_model, model_file, show_progress)
-        if eval_data and self.config["candidate_eval"] and not self.validating:
+        if eval_data and self.config["candidate_eval"] and not self.validating and self.reads_histories():
             self.model.eval()
             with self._out_of_memory_advice("eval"):
                 result.update(evaluate_candidates(self.model, eval_data, self.config))
         return result
+
+    def reads_histories(self):
+        """Whether the model is sequential: the candidates lie outside each user's history, as its batches hold it
+        (general models such as Pop are evaluated on other batches, and skip the protocol)."""
+        return hasattr(self.model, "ITEM_SEQ")
 
     def ranking_result(self, eval_data, load_best_model, model_file, show_progress):
         """RecBole's metrics of eval_data."""
@@ -218,11 +228,16 @@ class Trainer(DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
             self.validating = False
 
 
+class Trainer(CandidateEvaluationMixin, DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
+    """RecBole's Trainer with safe loading, working multi-process runs and the candidate protocol: the trainer of
+    RecBole's sequential baselines in this plugin."""
+
+
 class LLMTrainer(Trainer):
     """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
-    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, and the model's stages, each with
+    schedule, bf16 autocast on CUDA (and with ``cpu_bf16`` on a CPU that computes in bf16), checkpoints without the frozen backbones, and the model's stages, each with
     validation and early stopping. Each stage starts from the previous stage's best weights and keeps its own best:
     early stopping compares a stage's validations with each other, and the test reads the last stage's best.
     """
@@ -234,7 +249,8 @@ class LLMTrainer(Trainer):
         self.stage = None
         self.validating = False
         super().__init__(config, model)
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        on_bf16_cpu = self.device.type == "cpu" and config["cpu_bf16"] and cpu_computes_bf16()
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or on_bf16_cpu else None
         self.scheduler = None
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
@@ -339,7 +355,7 @@ class LLMTrainer(Trainer):
             last_batch = batch_idx + 1 == n_batches
             optimizer_step = (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch
             with self.gradient_sync(optimizer_step):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with self.autocast():
                     losses = loss_func(interaction)
                 loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
                 loss = loss_terms.sum()
@@ -376,6 +392,14 @@ class LLMTrainer(Trainer):
             f"{super()._batch_size_advice(phase)} with --grad_accum_steps={2 * self.grad_accum_steps} to keep the "
             f"effective batch of {size * self.grad_accum_steps}, or set gradient_checkpointing=True"
         )
+
+    def autocast(self):
+        """bf16 autocast on a GPU, or on a CPU with cpu_bf16; none otherwise (losses and scores stay fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        with self.autocast():  # evaluation computes as training does
+            return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     @torch.no_grad()
     def ranking_result(self, eval_data, load_best_model, model_file, show_progress):

@@ -13,7 +13,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 from recbole_llm.distributed import DistributedTrainerMixin
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
-from recbole_llm.trainer import LLMTrainer, SafeCheckpointMixin, Trainer
+from recbole_llm.trainer import CandidateEvaluationMixin, LLMTrainer, SafeCheckpointMixin, Trainer
 
 _PLUGIN_MODEL_KINDS = ["sequential_recommender"]
 _RECBOLE_MODEL_KINDS = [
@@ -86,4 +86,6 @@ def _with_safe_loading(trainer_class):
         return Trainer
     if issubclass(trainer_class, SafeCheckpointMixin):
         return trainer_class
-    return type(trainer_class.__name__, (DistributedTrainerMixin, SafeCheckpointMixin, trainer_class), {})
+    return type(
+        trainer_class.__name__, (CandidateEvaluationMixin, DistributedTrainerMixin, SafeCheckpointMixin, trainer_class), {}
+    )

@@ -91,9 +91,12 @@ def test_every_llm_model_trains_with_the_llm_trainer():
     ],
 )
 def test_the_cpu_budget_applies_to_the_default_llm_only_where_the_user_set_nothing(tmp_path, settings, llm_layers):
-    config = Config(model="RSLLM", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
+    config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
     assert config["llm_layers"] == llm_layers
     assert cpu_budget(config) == ({"llm_layers": 10} if llm_layers else {})
+    rsllm = Config(model="RSLLM", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
+    assert rsllm["llm_layers"] is None  # RSLLM writes titles: its LM head reads the last layer
+    assert cpu_budget(rsllm) == ({} if "llm_path" in settings else {"cpu_bf16": True})
 
 
 def test_numpy2_aliases_make_recbole_metrics_work(tmp_path):

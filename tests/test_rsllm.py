@@ -397,6 +397,10 @@ def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
         assert 0 <= test_result["hr@1_x_valid_ratio"] <= test_result["valid_ratio"] <= 1
         assert 0 <= test_result["hr@1_candidates"] <= 1
         assert "test hr@1_candidates" in comparison_rows([result])[0]
+        sasrec = run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(
+            workdir, candidate_eval=True, n_candidates=RSLLM_SIZES["n_candidates"]
+        ))["test_result"]  # the same users and candidates, SASRec's best-scored one picked
+        assert sasrec["valid_ratio"] == 1 and sasrec["hr@1_candidates"] == sasrec["hr@1_x_valid_ratio"]
     checkpoint = load_checkpoint(result["saved_model_file"])
     assert checkpoint["stage"] == result["tested_stage"] == UNIFIED  # the last stage's best
     assert comparison_rows([result])[0]["tested stage"] == UNIFIED

@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
 from recbole_llm.llm.backbone import cut_layers, last_hidden_states, llm_from_config
-from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
+from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config, template_fields
 from recbole_llm.llm.prompt import Prompt, PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
 from recbole_llm.model.candidates import sample_candidates
@@ -57,7 +57,8 @@ class RSLLM(LLMSequentialRecommender):
         self.user_prompts = self.prompt_pair(config, item_text, user_head, user_tail, config["max_prompt_items"])
         self.item_prompts = self.prompt_pair(config, item_text, item_head, item_tail, 1)
         self.candidate_lists = self.prompt_pair(
-            config, item_text, listing_head, listing_tail, self.n_candidates, starts_prompt=False
+            config, item_text, listing_head, listing_tail, self.n_candidates, config["candidate_item_marker"],
+            starts_prompt=False,
         )
         self.register_buffer("title_ids", item_text.token_ids, persistent=False)  # [n_items, max_item_tokens]
         titles = [ids[:n] for ids, n in zip(item_text.token_ids.tolist(), item_text.lengths.tolist())]
@@ -105,19 +106,23 @@ class RSLLM(LLMSequentialRecommender):
         template_parts(config, "prompt_template", "history")
         template_parts(config, "item_prompt_template", "item")
         template_parts(config, "candidate_template", "candidates")
+        marker = config["candidate_item_marker"]
+        require(config, "candidate_item_marker", isinstance(marker, str) and set(template_fields(marker)) <= {"index"},
+                "it must be a string, with no placeholder but {index}: e.g. '' or ' {index}.'")
 
     @classmethod
     def reads_cf_model(cls, config):
         return True
 
-    def prompt_pair(self, config, item_text, head, tail, max_items, starts_prompt=True):
-        """The text-only and the unified assembler of one template: the same words, without and with ID slots."""
+    def prompt_pair(self, config, item_text, head, tail, max_items, item_marker=None, starts_prompt=True):
+        """The text-only and the unified assembler of one template: the same words, without and with ID slots; items
+        marked with prompt_item_marker unless item_marker is given."""
         return nn.ModuleDict({
             stage: PromptAssembler(
                 item_text,
                 self.tokenizer,
                 head=head,
-                item_marker=config["prompt_item_marker"],
+                item_marker=config["prompt_item_marker"] if item_marker is None else item_marker,
                 item_separator=config["prompt_item_separator"],
                 tail=tail,
                 max_prompt_items=max_items,
