@@ -14,7 +14,7 @@ from benchmarks.settings import benchmark_settings
 from recbole_llm.comparison import comparison_rows, markdown_table, with_companions, write_csv
 from recbole_llm.quick_start import run_recbole_llms
 
-COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio come from RSLLM's candidate protocol
+COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio: LLaRA's candidate protocol (candidate_eval)
     "model": "model",
     "test recall@10": "Recall@10",
     "test recall@20": "Recall@20",
@@ -23,6 +23,8 @@ COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio come from RSLL
     "test mrr@10": "MRR@10",
     "test hr@1_candidates": "HR@1 (candidates)",
     "test valid_ratio": "ValidRatio",
+    "test hr@1_x_valid_ratio": "HR@1 x ValidRatio",
+    "tested stage": "tested stage",
     "trainable params": "trainable params",
     "train time (s)": "train (s)",
     "eval time (s)": "test eval (s)",

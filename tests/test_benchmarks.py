@@ -56,8 +56,9 @@ def test_quality_has_a_row_per_model_and_per_cf_model_with_sane_metrics(out):
         assert 0 <= ndcg <= recall <= number(row["test recall@20"]) <= 1  # one target per user: NDCG <= hit
         assert number(row["trainable params"]) > 0
     rsllm = rows[3]
-    assert 0 <= number(rsllm["test hr@1_candidates"]) <= number(rsllm["test valid_ratio"]) <= 1
-    assert rows[0]["test hr@1_candidates"] == ""  # the candidate protocol is RSLLM's alone
+    assert 0 <= number(rsllm["test hr@1_x_valid_ratio"]) <= number(rsllm["test valid_ratio"]) <= 1
+    assert number(rows[4]["test valid_ratio"]) == 1  # RSLLM's CF SASRec on the same candidates, by its scores
+    assert rows[0]["test hr@1_candidates"] == ""  # the SASRec row ran without candidate_eval
     assert_page(out, "quality-smoke", expected)
 
 
