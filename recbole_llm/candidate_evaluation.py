@@ -32,7 +32,7 @@ def evaluate_candidates(model, eval_data, config):
     when None), each with n_candidates candidates drawn with the seed."""
     interactions = cat_interactions([interaction for interaction, *_ in eval_data])
     if is_distributed(config):  # every process draws from all users, as one process does
-        fields = list(interactions.interaction)
+        fields = sorted(interactions.interaction)  # one order in every process (RecBole keeps the fields in a set)
         columns = gather_in_sample_order(evaluated_samples(eval_data), [interactions[field] for field in fields])
         interactions = Interaction(dict(zip(fields, columns)))
     generator = torch.Generator().manual_seed(config["seed"])
