@@ -51,7 +51,7 @@ def recommend_main(argv):
 
     from recbole_llm.recommend import formatted, parse_history, recommend
 
-    logging.disable(logging.INFO)  # the dataset's and the model's log lines: the log file has them
+    logging.disable(logging.INFO)  # the dataset's and the model's log lines would bury the table
     try:
         user_ids = [user.strip() for user in args.user_id.split(",") if user.strip()] if args.user_id else None
         history = parse_history(args.history) if args.history is not None else None

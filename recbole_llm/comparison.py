@@ -5,6 +5,7 @@ import csv
 
 COLD_METRICS = ("ndcg@10", "recall@10")  # of the test users whose target is a cold item (cold_item_ratio)
 
+
 def with_companions(results):
     """The results of run_recbole_llm, each followed by its companion rows (the CF model an LLM model reads)."""
     return [row for result in results for row in (result, *result["companions"])]
