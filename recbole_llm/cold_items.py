@@ -13,11 +13,15 @@ from recbole.data import data_preparation as recbole_data_preparation
 from recbole.data.interaction import Interaction
 from recbole.data.utils import get_dataloader
 
+from recbole_llm.errors import is_number, require
+
 
 def data_preparation(config, dataset):
     """RecBole's data_preparation; with cold_item_ratio, its training loader without the cold items' interactions."""
+    ratio = config["cold_item_ratio"] or 0  # None: a checkpoint written before the setting
+    require(config, "cold_item_ratio", is_number(ratio) and 0 <= ratio < 1, "a share of the items from 0 (none) to below 1")
     train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
-    if config["cold_item_ratio"]:
+    if ratio:
         train_dataset = without_items(train_data._dataset, cold_items(config, dataset))
         train_data = get_dataloader(config, "train")(config, train_dataset, train_data._sampler, shuffle=config["shuffle"])
     return train_data, valid_data, test_data

@@ -12,6 +12,7 @@ from recbole_llm.cf_training import cf_training_config
 from recbole_llm.cold_items import cold_items, data_preparation
 from recbole_llm.comparison import comparison_rows, with_companions
 from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
 
 
@@ -47,6 +48,11 @@ def test_cold_items_have_no_training_interaction_and_stay_targets(workdir):
     general = Config(model="Pop", dataset=TINY_DATASET, config_dict=tiny_config(workdir, cold_item_ratio=0.1))
     pop_train = data_preparation(general, create_dataset(general))[0]._dataset.inter_feat
     assert not torch.isin(pop_train["item_id"], cold).any()
+
+
+def test_a_ratio_that_is_not_a_share_is_a_one_line_error(workdir):
+    with pytest.raises(RecBoleLLMError, match="cold_item_ratio is 1.5: a share of the items from 0"):
+        split(workdir, cold_item_ratio=1.5)
 
 
 def test_the_cf_model_of_an_llm_model_loses_the_same_items(workdir):
