@@ -109,7 +109,7 @@ def user_history(dataset, user):
 def item_index(dataset, titles, entry):
     """The internal id of one history entry: an item id of the dataset, or the text of exactly one item (its case
     aside); a one-line error naming the closest texts otherwise."""
-    entry = entry.strip()
+    entry = str(entry).strip()
     tokens = dataset.field2token_id[dataset.iid_field]
     if entry in tokens and entry != "[PAD]":
         return tokens[entry]
