@@ -21,7 +21,7 @@ import torch
 import transformers
 from huggingface_hub import constants as hub_constants
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GgufConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -155,12 +155,51 @@ def decoder_blocks(model: nn.Module, n_layers: int, llm_name: str) -> tuple[nn.M
     return decoder, name, blocks[:n_layers]
 
 
-def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, layer_prefix=None) -> torch.Tensor:
     """A decoder's last-layer states [B, T, d_llm] (no LM head, no vocabulary logits), on the inputs' device: an LLM
-    spread over several GPUs ends on the last."""
+    spread over several GPUs ends on the last. `layer_prefix` [B, P, d_llm]: vectors every layer attends to before
+    the prompt (see `layer_prefix_cache`)."""
+    past_key_values = None
+    if layer_prefix is not None:
+        past_key_values = layer_prefix_cache(decoder, layer_prefix)
+        attention_mask = torch.cat([attention_mask.new_ones(layer_prefix.shape[:2]), attention_mask], dim=1)
     return decoder(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, use_cache=False,
     ).last_hidden_state.to(inputs_embeds.device)
+
+
+def layer_prefix_cache(decoder, prefix) -> DynamicCache:
+    """Prefix vectors [B, P, d_llm] as the keys and values of every layer (P-tuning v2's deep prompt, which steers a
+    small LLM far more than input tokens do): each layer makes them with its own frozen input norm and key/value
+    maps, as if the vectors were a token's state at that layer (no position: they sit before every token)."""
+    module = getattr(decoder, "__self__", decoder)  # a decoder's __call__ (Laser holds one) or the decoder
+    blocks = next(child for child in module.children() if isinstance(child, nn.ModuleList))
+    return DynamicCache(ddp_cache_data=[_prefix_keys_values(block, prefix) for block in blocks])
+
+
+def _prefix_keys_values(block, prefix):
+    """One decoder block's keys and values [B, kv_heads, P, head_dim] of the prefix vectors [B, P, d_llm]."""
+    prefix = prefix.to(next(block.parameters()).device)  # an LLM spread over GPUs (llm_device_map)
+    if hasattr(block, "input_layernorm") and hasattr(getattr(block, "self_attn", None), "k_proj"):  # Llama, Qwen, ...
+        attention = block.self_attn
+        states = block.input_layernorm(prefix)
+        keys, values = attention.k_proj(states), attention.v_proj(states)
+        head_dim = attention.head_dim
+    elif hasattr(block, "ln_1") and hasattr(getattr(block, "attn", None), "c_attn"):  # GPT-2
+        attention = block.attn
+        _, keys, values = attention.c_attn(block.ln_1(prefix)).split(attention.split_size, dim=-1)
+        head_dim = attention.head_dim
+    else:
+        raise RecBoleLLMError(
+            f"deep_prefix reads each layer's norm and key/value maps, and {type(block).__name__} has none this "
+            f"plugin knows (Llama-style or GPT-2 blocks): set deep_prefix=False"
+        )
+    shape = (*prefix.shape[:2], -1, head_dim)
+    keys = keys.view(shape)
+    if getattr(attention, "k_norm", None) is not None:  # Qwen3 and others normalise each head's keys
+        keys = attention.k_norm(keys)
+    return keys.transpose(1, 2), values.view(shape).transpose(1, 2)
 
 
 def clear_llm_cache() -> None:
