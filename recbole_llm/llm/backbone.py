@@ -6,6 +6,7 @@ runs it: through its first ``llm_layers`` blocks, without the LM head."""
 import copy
 import functools
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -159,14 +160,20 @@ def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, lay
     """A decoder's last-layer states [B, T, d_llm] (no LM head, no vocabulary logits), on the inputs' device: an LLM
     spread over several GPUs ends on the last. `layer_prefix` [B, P, d_llm]: vectors every layer attends to before
     the prompt (see `layer_prefix_cache`)."""
-    past_key_values = None
+    prefix_cache = {}
     if layer_prefix is not None:
-        past_key_values = layer_prefix_cache(decoder, layer_prefix)
+        prefix_cache[_cache_argument(decoder)] = layer_prefix_cache(decoder, layer_prefix)
         attention_mask = torch.cat([attention_mask.new_ones(layer_prefix.shape[:2]), attention_mask], dim=1)
     return decoder(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, use_cache=False,
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        **prefix_cache,
     ).last_hidden_state.to(inputs_embeds.device)
+
+
+def _cache_argument(decoder) -> str:
+    """The decoder's name for past keys and values: `cache` from transformers 5.24, `past_key_values` before."""
+    module = getattr(decoder, "__self__", decoder)
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def layer_prefix_cache(decoder, prefix) -> DynamicCache:
