@@ -233,6 +233,11 @@ def test_deep_prefix_is_read_by_every_layer_not_written_in_the_prompt(tiny, batc
     assert all(p.grad is None for p in deep.llm.model.parameters())
 
 
+def test_a_checkpoint_from_before_deep_prefix_keeps_its_input_prefix(tiny):
+    older = tiny.build(deep_prefix=None)  # a Config restored from such a checkpoint has no value for it
+    assert not older.deep_prefix and older.user_prompt.n_prefix == older.n_query
+
+
 def test_the_target_item_never_appears_in_the_prompt(laser, batch):
     item_seq, item_len, targets = batch[laser.ITEM_SEQ], batch[laser.ITEM_SEQ_LEN], batch[laser.POS_ITEM_ID]
     prompt = laser.user_prompt.assemble(item_seq, item_len, laser.llm.input_embeddings())

@@ -48,7 +48,7 @@ class Laser(LLMSequentialRecommender):
         self.n_suffix = config["n_suffix"]
         self.tau = config["tau"]
         self.center_embeddings = config["center_embeddings"]
-        self.deep_prefix = config["deep_prefix"]
+        self.deep_prefix = bool(config["deep_prefix"])  # None: a checkpoint from before the setting, input tokens
         self.moe_balance_weight = config["moe_balance_weight"]
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
         item_texts = item_texts_from_config(config, dataset)
@@ -125,8 +125,8 @@ class Laser(LLMSequentialRecommender):
         require(config, "cross_attention_freq", config["cross_attention_freq"] >= 1, "use at least 1")
         require(config, "n_suffix", config["n_suffix"] >= 1, "embeddings are read at a suffix, use 1 or more")
         require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
-        for key in ("center_embeddings", "deep_prefix"):
-            require(config, key, isinstance(config[key], bool), "use True or False")
+        require(config, "center_embeddings", isinstance(config["center_embeddings"], bool), "use True or False")
+        require(config, "deep_prefix", config["deep_prefix"] in (True, False, None), "use True or False")
 
     @classmethod
     def reads_cf_model(cls, config):
