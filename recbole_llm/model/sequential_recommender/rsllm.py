@@ -196,6 +196,8 @@ class RSLLM(LLMSequentialRecommender):
 
         # the answer comes after the prompt, so the causal LLM's state at the last prompt position ignores it
         user_states = self.state_head(hidden[:, prompt.inputs_embeds.shape[1] - 1].float())  # [B, d_llm]
+        # the keys are the batch's next items: never a cold item (its training rows are gone), so no loss of RSLLM
+        # has a cold item among its candidates (abstract_recommender: without_cold_items)
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
         user_item_loss = info_nce(user_states, self.item_embedding(items), next_index, self.tau)
         if self.stage == TEXT_ONLY:
