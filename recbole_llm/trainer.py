@@ -71,6 +71,11 @@ def advises_on_out_of_memory(phase):
     return decorate
 
 
+def cpu_computes_bf16():
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 matrix products beat fp32's."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
 class SafeCheckpointMixin:
     """Replaces the two ``torch.load`` calls of RecBole's Trainer (evaluate and resume), writes checkpoints as data
     and atomically, keeps a resume point after every epoch (recbole_llm.resume), and turns a non-finite loss and CUDA's
@@ -199,7 +204,8 @@ class LLMTrainer(Trainer):
     """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
-    schedule, bf16 autocast on CUDA, checkpoints without the frozen backbones, the model's stages, each with
+    schedule, bf16 autocast on CUDA (and with ``cpu_bf16`` on a CPU that computes in bf16), checkpoints without the
+    frozen backbones, the model's stages, each with
     validation and early stopping, and (``candidate_eval``) LLaRA's candidate protocol on the test split. The best
     checkpoint is the best over all stages; each stage starts from it.
     """
@@ -211,7 +217,8 @@ class LLMTrainer(Trainer):
         self.stage = None
         self.validating = False
         super().__init__(config, model)
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        on_bf16_cpu = self.device.type == "cpu" and config["cpu_bf16"] and cpu_computes_bf16()
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or on_bf16_cpu else None
         self.scheduler = None
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
@@ -294,7 +301,7 @@ class LLMTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self._begin_epoch(epoch_idx)
         self.model.train()
-        with self._out_of_memory_advice("items"):
+        with self._out_of_memory_advice("items"), self.autocast():
             self.model.begin_epoch(epoch_idx)
         loss_func = loss_func or self.distributed_model or self.model.calculate_loss  # DDP's forward: calculate_loss
         if not self.config["single_spec"] and train_data.shuffle:
@@ -313,7 +320,7 @@ class LLMTrainer(Trainer):
             last_batch = batch_idx + 1 == n_batches
             optimizer_step = (batch_idx + 1) % self.grad_accum_steps == 0 or last_batch
             with self.gradient_sync(optimizer_step):
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                with self.autocast():
                     losses = loss_func(interaction)
                 loss_terms = torch.stack(list(losses)) if isinstance(losses, tuple) else losses.reshape(1)
                 loss = loss_terms.sum()
@@ -358,8 +365,16 @@ class LLMTrainer(Trainer):
         finally:
             self.validating = False
 
+    def autocast(self):
+        """bf16 autocast on a GPU, or on a CPU with cpu_bf16; none otherwise (the models keep scores and losses fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        with self.autocast():  # item matrices and scores computed as training computes them
+            return self._evaluate(eval_data, load_best_model, model_file, show_progress)
+
+    def _evaluate(self, eval_data, load_best_model, model_file, show_progress):
         if load_best_model and eval_data:
             self._load_best(model_file or self.saved_model_file)
         if eval_data:

@@ -137,7 +137,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         items = items[self.item_text_lengths[items].argsort(stable=True)]
         embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
         self.train(was_training)
-        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings, dim=-1))
+        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings.float(), dim=-1))
 
     def refresh_item_matrix(self):
         """Recompute the item matrix, unless no weight changed since it was computed (e.g. an epoch right after a

@@ -259,11 +259,14 @@ class RSLLM(LLMSequentialRecommender):
         return F.normalize(self.state_head(self.prompt_state(prompt)), dim=-1)
 
     def predict(self, interaction):
+        user_states = self.user_states(interaction).float()
         item_rows = self.item_matrix[interaction[self.ITEM_ID]]  # [B, d_llm]
-        return (self.user_states(interaction) * item_rows).sum(-1) / self.tau
+        return (user_states * item_rows).sum(-1) / self.tau
 
     def full_sort_predict(self, interaction):
-        return self.user_states(interaction) @ self.item_matrix.T / self.tau  # [B, n_items]
+        user_states = self.user_states(interaction).float()
+        with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, also under bf16 autocast
+            return user_states @ self.item_matrix.T / self.tau  # [B, n_items]
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
 
@@ -291,9 +294,10 @@ class RSLLM(LLMSequentialRecommender):
 
 def info_nce(queries, keys, positives, tau):
     """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
-    other keys are its negatives."""
-    logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).T / tau  # [N, K]
-    return F.cross_entropy(logits, positives)
+    other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at |logit| ~ 20."""
+    with torch.autocast(queries.device.type, enabled=False):
+        logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / tau  # [N, K]
+        return F.cross_entropy(logits, positives)
 
 
 def joined(first, second):
