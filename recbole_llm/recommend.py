@@ -1,11 +1,14 @@
 """Recommendations for a person from a saved model: the top-k items after a user's history in the dataset, or after
 a history given as item ids or titles, with the items' text and scores, the history's items left out.
 
-An LLM model scores with the item matrix its checkpoint holds: only the users' side goes through the LLM.
+An LLM model scores with the item matrix its checkpoint holds: only the users' side goes through the LLM. A process
+keeps the last checkpoint it loaded: further calls on the same file score at once.
 """
 
 import difflib
 import json
+import os
+from functools import lru_cache
 
 import torch
 from recbole.data.interaction import Interaction
@@ -29,8 +32,7 @@ def recommend(model_file, user_ids=None, history=None, topk=10, trust_checkpoint
         raise RecBoleLLMError("recommend for user ids or for a history: give exactly one of them")
     if not isinstance(topk, int) or topk < 1:
         raise RecBoleLLMError(f"topk is {topk!r}: it must be a positive number of items")
-    config, model, dataset, _, _, _ = load_data_and_model(model_file, trust_checkpoint=trust_checkpoint)
-    titles = item_titles(config, dataset)
+    config, model, dataset, titles = loaded(model_file, trust_checkpoint)
     if user_ids is not None:
         users = [user_index(dataset, user_id) for user_id in user_ids]
         histories = [user_history(dataset, user) for user in users]
@@ -54,6 +56,19 @@ def recommend(model_file, user_ids=None, history=None, topk=10, trust_checkpoint
         for rank, (score, item) in enumerate(zip(user_scores, user_items), start=1)
         if score > float("-inf")  # a history that holds nearly every item leaves fewer than k
     ]
+
+
+def loaded(model_file, trust_checkpoint=False):
+    """The config, model, dataset and item titles of a checkpoint, loaded once while the file stays the same."""
+    path = os.path.realpath(model_file)
+    version = (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
+    return _loaded(path, version, trust_checkpoint)
+
+
+@lru_cache(maxsize=1)
+def _loaded(path, version, trust_checkpoint):
+    config, model, dataset, _, _, _ = load_data_and_model(path, trust_checkpoint=trust_checkpoint)
+    return config, model, dataset, item_titles(config, dataset)
 
 
 @torch.no_grad()

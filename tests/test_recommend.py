@@ -3,6 +3,7 @@ dataset's user ids or by a history of item ids or titles, the history's items le
 evaluation scores; one-line errors for a title that names no item or several, and for an unknown user id."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import SIZES, TESTS_DIR, TINY_DATASET, tiny_config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
+import recbole_llm.recommend
 from recbole_llm.recommend import recommend, user_history
 from run_recbole_llm import main
 
@@ -116,3 +118,17 @@ def test_bad_input_is_one_line(saved, cli, arguments, fragments):
 def test_a_model_of_user_ids_refuses_a_history(saved):
     with pytest.raises(RecBoleLLMError, match="Pop scores the dataset's users by their id"):
         recommend(saved["Pop"], history=["1"])
+
+
+def test_a_process_loads_a_checkpoint_once_and_again_when_the_file_changes(saved, tmp_path, monkeypatch):
+    model_file = tmp_path / "Laser.pth"
+    model_file.write_bytes(open(saved["Laser"], "rb").read())
+    loads = []
+    load = recbole_llm.recommend.load_data_and_model
+    monkeypatch.setattr(recbole_llm.recommend, "load_data_and_model", lambda *a, **k: loads.append(a) or load(*a, **k))
+
+    first = recommend(str(model_file), user_ids=["196"], topk=3)
+    assert recommend(str(model_file), user_ids=["186"], topk=3) != first and len(loads) == 1
+    model_file.write_bytes(model_file.read_bytes())  # the same weights, written again: another version of the file
+    os.utime(model_file, ns=(0, 0))
+    assert recommend(str(model_file), user_ids=["196"], topk=3) == first and len(loads) == 2
