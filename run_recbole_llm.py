@@ -1,12 +1,16 @@
-"""Command line, RecBole style: --model (one name or a comma list), --dataset, --config_files, any --key=value."""
+"""Command line, RecBole style: --model (one name or a comma list), --dataset, --config_files, any --key=value; or
+--recommend=CHECKPOINT: the top-k items of users (--user_id) or of a history (--history) from a saved model."""
 
 import argparse
+import logging
 import sys
 
 from recbole_llm.errors import RecBoleLLMError
 
 
 def main():
+    if any(argument.startswith("--recommend") for argument in sys.argv[1:]):
+        return recommend_main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", "-m", type=str, default="SASRec", help="model name, or a comma list to compare")
     parser.add_argument("--dataset", "-d", type=str, default="ml-100k", help="RecBole dataset name")
@@ -31,6 +35,33 @@ def main():
         sys.exit(2)
     except KeyboardInterrupt:  # the log's last line says how to resume
         sys.exit(130)
+
+
+def recommend_main(argv):
+    parser = argparse.ArgumentParser(prog="run_recbole_llm.py --recommend=CHECKPOINT",
+                                     description="top-k items for people, from a model a run saved")
+    parser.add_argument("--recommend", required=True, help="a checkpoint of a run: saved/<Model>-<time>.pth")
+    parser.add_argument("--user_id", type=str, default=None, help="user ids of the dataset, comma separated")
+    parser.add_argument("--history", type=str, default=None, help="item ids or titles, oldest first, ';' between")
+    parser.add_argument("--topk", type=int, default=10, help="items per user")
+    parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument("--trust_checkpoint", type=lambda text: text.lower() == "true", default=False,
+                        help="read a checkpoint that is not plain data (see the README's Bad input)")
+    args = parser.parse_args(argv)
+
+    from recbole_llm.recommend import formatted, parse_history, recommend
+
+    logging.disable(logging.INFO)  # the dataset's and the model's log lines would bury the table
+    try:
+        user_ids = [user.strip() for user in args.user_id.split(",") if user.strip()] if args.user_id else None
+        history = parse_history(args.history) if args.history is not None else None
+        rows = recommend(args.recommend, user_ids, history, args.topk, args.trust_checkpoint)
+    except RecBoleLLMError as error:
+        print(f"recbole_llm: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        logging.disable(logging.NOTSET)
+    print(formatted(rows, args.format))
 
 
 if __name__ == "__main__":

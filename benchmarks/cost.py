@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from recbole.utils import init_logger, init_seed
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
 
 from benchmarks.report import run_script, saved_figure, write_page
 from benchmarks.settings import benchmark_settings
@@ -111,7 +113,7 @@ class LLMWatch:
 
     def _keep(self, module, args, kwargs):
         if self.expecting:
-            self.call = args, {key: v.detach() if torch.is_tensor(v) else v for key, v in kwargs.items()}
+            self.call = args, {key: kept_value(v) for key, v in kwargs.items()}
             self.expecting = False
 
     def expect_call(self):
@@ -124,6 +126,24 @@ class LLMWatch:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def kept_value(value):
+    """A decoder input as a replay needs it: tensors detached; a cache (Laser's deep prefix), which the forward
+    appends to, as a detached copy of its layers now, made into a fresh cache by `replayed`."""
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, DynamicCache):
+        return KeptCache([(layer.keys.detach(), layer.values.detach()) for layer in value.layers])
+    return value
+
+
+@dataclass
+class KeptCache:
+    layers: list
+
+    def replayed(self):
+        return DynamicCache(ddp_cache_data=self.layers)
 
 
 class StepClock:
@@ -202,7 +222,8 @@ def bare_llm(model, call, backward, amp_dtype):
     def run():
         inputs_embeds = kwargs["inputs_embeds"].clone().requires_grad_(backward)
         with torch.set_grad_enabled(backward), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-            hidden = decoder(*args, **{**kwargs, "inputs_embeds": inputs_embeds}).last_hidden_state
+            inputs = {key: v.replayed() if isinstance(v, KeptCache) else v for key, v in kwargs.items()}
+            hidden = decoder(*args, **{**inputs, "inputs_embeds": inputs_embeds}).last_hidden_state
             if backward:
                 hidden[:, -1].float().pow(2).mean().backward()
 

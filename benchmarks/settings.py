@@ -3,11 +3,12 @@ settings and which runs it measures, and its command line.
 
 A profile holds ``dataset``; ``config``, the settings of every run (on top of properties/; ``--key=value`` on the
 command line goes on top of it); ``quality``, model -> its own settings (the quality and curves benchmarks run
-these); and for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
-is not a model name), and ``cost_steps``, how much it measures per row.
+these); for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
+is not a model name), and ``cost_steps``, how much it measures per row; for the cold-start benchmark ``cold``, row
+label -> its own settings, as ``cost``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -28,6 +29,7 @@ class Profile:
     quality: dict  # model -> settings
     cost: dict  # row label -> settings, `model` among them
     cost_steps: dict  # train, profiled, eval -> count
+    cold: dict = field(default_factory=dict)  # row label -> settings, `model` among them
 
     def run_config(self, settings):
         """The config dict of one run: the profile's config, then the run's own settings."""
@@ -49,7 +51,7 @@ def load_profile(name_or_path, overrides=None):
     missing += [key for key in ("cost", "cost_steps") if content.get("cost") and key not in content]
     if missing:
         raise RecBoleLLMError(f"profile {path} has no {', '.join(missing)}: see benchmarks/profiles/cpu.yaml")
-    cost = {label: {"model": label, **(settings or {})} for label, settings in (content.get("cost") or {}).items()}
+    cost, cold = (labelled_runs(content.get(key)) for key in ("cost", "cold"))
     steps = {key: (content.get("cost_steps") or {}).get(key) for key in COST_STEPS}
     wrong = [key for key, count in steps.items() if cost and (not isinstance(count, int) or count < (key != "profiled"))]
     if wrong:
@@ -64,7 +66,13 @@ def load_profile(name_or_path, overrides=None):
         quality={model: settings or {} for model, settings in content["quality"].items()},
         cost=cost,
         cost_steps=steps,
+        cold=cold,
     )
+
+
+def labelled_runs(runs):
+    """row label -> settings, with `model` (the label unless the settings name one)."""
+    return {label: {"model": label, **(settings or {})} for label, settings in (runs or {}).items()}
 
 
 def split_arguments(argv, own_keys=("profile", "out")):

@@ -1,6 +1,6 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
-summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the learning
-curves of the cpu-long profile, and of the GPU kit's short quality run (benchmarks/gpu/) once it has one.
+summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the cold-start
+page of the cpu profile, of the learning curves of the cpu-long profile, and of the GPU kit's short quality run (benchmarks/gpu/) once it has one.
 
     python -m benchmarks.update_readme
 """
@@ -13,7 +13,7 @@ from recbole_llm.errors import RecBoleLLMError
 BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme` from benchmarks/results/ -->"
 END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "cpu-long", "gpu")
-BENCHMARKS = {"cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
+BENCHMARKS = {"cpu": ("quality", "cost", "cold"), "cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
 OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 

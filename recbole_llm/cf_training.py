@@ -11,10 +11,11 @@ import json
 import os
 from logging import getLogger
 
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.utils import init_seed
 
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.cold_items import data_preparation
 from recbole_llm.config import Config
 from recbole_llm.distributed import synchronize, writes_files
 from recbole_llm.errors import RecBoleLLMError
@@ -23,7 +24,7 @@ from recbole_llm.utils import get_trainer
 
 # The LLM model's settings the CF model is trained with, beside RecBole's data settings (config.parameters["Dataset"]):
 # the split, and where and how visibly it runs. cf_config goes on top.
-CARRIED_KEYS = ["eval_args", "repeatable", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress"]
+CARRIED_KEYS = ["eval_args", "cold_item_ratio", "repeatable", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress"]
 # Settings that do not change the trained CF model, so they stay out of its cache key.
 NOT_IN_CACHE_KEY = {
     "checkpoint_dir", "data_path", "gpu_id", "use_gpu", "device", "show_progress", "state", "worker", "log_wandb",
@@ -45,6 +46,8 @@ def cf_training_config(config):
     """The Config to train ``cf_model`` with: its defaults, the LLM model's data and split, then cf_config."""
     carried = {key: config[key] for key in config.parameters["Dataset"] + CARRIED_KEYS if key in config}
     carried["data_path"] = os.path.dirname(config["data_path"])  # the final data_path already ends in the dataset
+    if config["cold_item_ratio"]:
+        carried["seed"] = config["seed"]  # which items are cold: the CF model must not see them either
     if config["cf_hidden_size"]:
         carried["hidden_size"] = config["cf_hidden_size"]
     return CFConfig(model=config["cf_model"], dataset=config["dataset"], config_dict={**carried, **config["cf_config"]})
@@ -90,6 +93,8 @@ def train_into_cache(cf_config, dataset, path):
 def cached_checkpoint_path(cf_config, dataset):
     """``<checkpoint_dir>/cf-<model>-<dataset>-<hash>.pth``, the hash over all that changes the trained model."""
     settings = {key: value for key, value in cf_config.final_config_dict.items() if key not in NOT_IN_CACHE_KEY}
+    if not settings.get("cold_item_ratio"):
+        settings.pop("cold_item_ratio", None)  # without cold items, the key caches had before the setting: still valid
     # checkpoint_format: a cache written before checkpoints were data (its Config pickled) is trained again, not reused
     settings.update(
         item_id_fingerprint=item_id_fingerprint(dataset), training_samples=dataset.inter_num, checkpoint_format="data"

@@ -3,6 +3,8 @@ people, CSV for scripts."""
 
 import csv
 
+COLD_METRICS = ("ndcg@10", "recall@10")  # of the test users whose target is a cold item (cold_item_ratio)
+
 
 def with_companions(results):
     """The results of run_recbole_llm, each followed by its companion rows (the CF model an LLM model reads)."""
@@ -16,6 +18,10 @@ def comparison_rows(results):
     for result in results:
         row = {"model": result["model"]}
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
+        cold_result = result.get("cold_test_result")
+        if cold_result is not None:
+            row["cold users"] = cold_result["users"]
+            row.update({f"cold {metric}": cold_result.get(metric) for metric in COLD_METRICS})
         row[f"best valid {result['valid_metric']}"] = result["best_valid_score"]
         row["tested stage"] = result.get("tested_stage")  # which stage's best weights the test read
         row["trainable params"] = result["trainable_parameters"]

@@ -159,6 +159,8 @@ class DistributedTrainerMixin:
     def __init__(self, config, model):
         distributed = is_distributed(config)
         config["single_spec"] = True  # RecBole's AbstractTrainer would build DDP with device_ids: refused on CPU
+        # RecBole's ensure_dir checks, then creates: two processes that both see no folder race, one raises
+        os.makedirs(config["checkpoint_dir"], exist_ok=True)
         try:
             super().__init__(config, model)
         finally:

@@ -13,11 +13,12 @@ from time import time
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
 from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.cold_items import cold_test_result, data_preparation
 from recbole_llm.comparison import with_companions, write_comparison
 from recbole_llm.config import Config, cpu_budget, restore_numpy_aliases, single_process
 from recbole_llm.distributed import writes_files
@@ -81,10 +82,13 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     eval_start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
     eval_end = time()
+    cold_result = cold_test_result(config, trainer, test_data)
     trainable, total = count_parameters(model)  # of the tested weights' stage (a stage sets what trains)
 
     logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
     logger.info(set_color("test result", "yellow") + f": {test_result}")
+    if cold_result:
+        logger.info(set_color("test result on cold items", "yellow") + f": {cold_result}")
     return {
         "companions": [evaluate_collaborative_model(config, model, valid_data, test_data)]
         if hasattr(model, "cf_encoder") else [],
@@ -94,6 +98,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "valid_metric": config["valid_metric"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "cold_test_result": cold_result,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "tested_stage": model.stage if isinstance(model, LLMSequentialRecommender) else None,
@@ -112,15 +117,17 @@ def evaluate_collaborative_model(config, model, valid_data, test_data):
     valid_score = trainer.evaluate(valid_data, load_best_model=False)[config["valid_metric"].lower()]
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=False)
+    eval_time = time() - start
     getLogger().info(set_color(f"test result of its {config['cf_model']}", "yellow") + f": {test_result}")
     return {
         "model": f"{config['cf_model']} (CF model of {config['model']})",
         "best_valid_score": valid_score,
         "valid_metric": config["valid_metric"],
         "test_result": test_result,
+        "cold_test_result": cold_test_result(config, trainer, test_data),
         "trainable_parameters": count_parameters(recommender)[1],  # frozen here, trained before
         "train_time": None,
-        "eval_time": time() - start,
+        "eval_time": eval_time,
     }
 
 

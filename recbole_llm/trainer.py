@@ -237,9 +237,11 @@ class LLMTrainer(Trainer):
     """Trains an LLMSequentialRecommender: only its trainable weights, stage by stage.
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
-    schedule, bf16 autocast on CUDA (and with ``cpu_bf16`` on a CPU that computes in bf16), checkpoints without the frozen backbones, and the model's stages, each with
-    validation and early stopping. Each stage starts from the previous stage's best weights and keeps its own best:
-    early stopping compares a stage's validations with each other, and the test reads the last stage's best.
+    schedule, bf16 autocast on CUDA (and with ``cpu_bf16`` on a CPU that computes in bf16), checkpoints without the
+    frozen backbones, and the model's stages, each with validation and early stopping. Each stage starts from the
+    previous stage's best weights and keeps its own best: early stopping compares a stage's validations with each
+    other, and the test reads the last stage's best. (``candidate_eval``: LLaRA's candidate protocol on the test split,
+    CandidateEvaluationMixin.)
     """
 
     def __init__(self, config, model):
@@ -336,7 +338,7 @@ class LLMTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self._begin_epoch(epoch_idx)
         self.model.train()
-        with self._out_of_memory_advice("items"):
+        with self._out_of_memory_advice("items"), self.autocast():
             self.model.begin_epoch(epoch_idx)
         loss_func = loss_func or self.distributed_model or self.model.calculate_loss  # DDP's forward: calculate_loss
         if not self.config["single_spec"] and train_data.shuffle:
@@ -394,11 +396,11 @@ class LLMTrainer(Trainer):
         )
 
     def autocast(self):
-        """bf16 autocast on a GPU, or on a CPU with cpu_bf16; none otherwise (losses and scores stay fp32)."""
+        """bf16 autocast on a GPU, or on a CPU with cpu_bf16; none otherwise (the models keep scores and losses fp32)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        with self.autocast():  # evaluation computes as training does
+        with self.autocast():  # item matrices and scores (the candidates' too) computed as training computes them
             return super().evaluate(eval_data, load_best_model, model_file, show_progress)
 
     @torch.no_grad()

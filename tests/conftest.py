@@ -12,11 +12,12 @@ import pytest
 import recbole.trainer
 import torch
 from recbole.config import Config as RecBoleConfig
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.model.sequential_recommender.sasrec import SASRec
 from recbole.utils import init_seed
 
 from recbole_llm.cf_training import trained_checkpoint
+from recbole_llm.cold_items import data_preparation  # RecBole's, without the cold items' training rows (cold_item_ratio)
 from recbole_llm.config import Config
 from recbole_llm.quick_start import build_model
 

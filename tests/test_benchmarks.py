@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from benchmarks import cost, curves, quality
+from benchmarks import cold, cost, curves, quality
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import TESTS_DIR, module_workdir
@@ -18,12 +18,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    """Both scripts run once, on the smoke profile, into one results folder (the CF model trained once, reused)."""
+    """The scripts run once, on the smoke profile, into one results folder (the CF model trained once, reused)."""
     with module_workdir(tmp_path_factory, "benchmarks") as workdir:
         arguments = ["--profile=smoke", f"--out={workdir / 'results'}", f"--data_path={TESTS_DIR}/data"]
         quality.main(arguments)
         cost.main(arguments)
         curves.main(arguments)
+        cold.main(arguments)
         yield workdir / "results"
 
 
@@ -94,6 +95,16 @@ def test_cost_has_a_row_per_run_with_sane_figures(out):
         assert row["llm"].startswith("tiny-llama, float32")
     assert rows["SASRec"]["llm share"] == "" and rows["SASRec"]["llm"] == ""
     assert_page(out, "cost-smoke", rows)
+
+
+def test_cold_has_a_row_per_run_with_metrics_on_the_users_of_cold_targets(out):
+    rows = read_rows(out / "cold-smoke.csv")
+    assert [row["model"] for row in rows] == ["SASRec", "Laser", "RSLLM", "SASRec (CF model of the LLM models)"]
+    for row in rows:
+        assert number(row["cold users"]) == number(rows[0]["cold users"]) > 0  # one split: the same users
+        assert 0 <= number(row["cold ndcg@10"]) <= number(row["cold recall@10"]) <= 1
+    assert_page(out, "cold-smoke", [row["model"] for row in rows])
+    assert "10% of the items cold" in out.joinpath("cold-smoke.md").read_text()
 
 
 def test_update_readme_writes_the_pages_between_the_markers(out, tmp_path):

@@ -21,7 +21,7 @@ def check_settings(workdir, cf_checkpoint, **switches):
 @pytest.mark.parametrize(
     "switches, fits",
     [({"embedding_head": "linear", "center_embeddings": True}, True),  # Laser.yaml's defaults
-     ({"embedding_head": "none", "center_embeddings": False}, False)],  # the paper's scoring, as laser_paper.yaml
+     ({"embedding_head": "none", "center_embeddings": False, "deep_prefix": False}, False)],  # laser_paper.yaml's
 )
 def test_one_batch_is_memorised_only_with_the_switches(workdir, cf_checkpoint, switches, fits):
     torch.manual_seed(0)

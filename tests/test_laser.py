@@ -138,6 +138,7 @@ def test_load_balancing_term_on_a_hand_made_example():
         ({"prefix_mode": "qformer"}, "prefix_mode is 'qformer'"),
         ({"stage2_epochs": -1}, "stage2_epochs is -1"),
         ({"llm_layers": 3}, "llm_layers is 3: tiny-llama has 2 layers"),
+        ({"deep_prefix": "yes"}, "deep_prefix is 'yes'"),
     ],
 )
 def test_bad_settings_give_one_line_errors(tiny, setting, message):
@@ -174,8 +175,8 @@ def test_item_matrix_batched_by_text_length_holds_each_items_own_embedding(laser
     assert (matrix[0] == 0).all()  # the padding item
 
 
-def test_user_embedding_is_the_llm_output_at_the_suffix(laser, batch):
-    laser.eval()
+def test_user_embedding_is_the_llm_output_at_the_suffix(tiny, batch):
+    laser = tiny.build(deep_prefix=False).eval()  # the paper's input prefix; the deep one: the test below
     item_seq, item_len = batch[laser.ITEM_SEQ], batch[laser.ITEM_SEQ_LEN]
     with torch.no_grad():
         user_embedding, _ = laser.user_embedding(item_seq, item_len)
@@ -192,7 +193,7 @@ def test_user_embedding_is_the_llm_output_at_the_suffix(laser, batch):
 
 
 def test_llm_layers_reads_an_earlier_layer_and_leaves_the_shared_llm_whole(tiny, batch):
-    first_layer = tiny.build(llm_layers=1).eval()
+    first_layer = tiny.build(llm_layers=1, deep_prefix=False).eval()
     decoder = first_layer.llm.transformer()
     assert len(decoder.layers) == 2  # the cached LLM keeps its layers
     item_seq, item_len = batch[first_layer.ITEM_SEQ], batch[first_layer.ITEM_SEQ_LEN]
@@ -207,6 +208,34 @@ def test_llm_layers_reads_an_earlier_layer_and_leaves_the_shared_llm_whole(tiny,
             position_ids=prompt.position_ids, output_hidden_states=True,
         ).hidden_states  # the embeddings, then the output of each layer
     assert torch.allclose(embedding, decoder.norm(hidden_states[1])[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("llm_path", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+def test_deep_prefix_is_read_by_every_layer_not_written_in_the_prompt(tiny, batch, llm_path):
+    deep = tiny.build(llm_path=llm_path).eval()  # deep_prefix: Laser.yaml's default
+    item_seq, item_len = batch[deep.ITEM_SEQ], batch[deep.ITEM_SEQ_LEN]
+    prompt = deep.user_prompt.assemble(item_seq, item_len, deep.llm.input_embeddings(), suffix=deep.suffix_tokens)
+    assert prompt.prefix_positions is None  # the prompt holds no prefix tokens: the layers' keys and values do
+    with torch.no_grad():
+        together, _ = deep.user_embedding(item_seq, item_len)
+        alone = torch.cat([deep.user_embedding(item_seq[[row]], item_len[[row]])[0] for row in range(4)])
+        prefix, _ = deep.history_prefix(item_seq, item_len)
+        moved = deep.suffix_output(deep.user_prompt, item_seq, item_len, prefix + torch.randn_like(prefix) * prefix.std())
+    assert torch.allclose(together[:4], alone, atol=1e-4)  # left padding and the prefix's mask line up
+    assert not torch.allclose(together, moved, atol=1e-3)
+
+    deep.begin_stage(REFRESHED_ITEMS)
+    deep.train()
+    deep.begin_epoch(0)  # the item matrix the loss scores against
+    next_item_loss, balance_loss = deep.calculate_loss(batch)
+    (next_item_loss + balance_loss).backward()
+    assert deep.mformer.prefix_map.weight.grad.abs().sum() > 0  # through every layer's keys and values
+    assert all(p.grad is None for p in deep.llm.model.parameters())
+
+
+def test_a_checkpoint_from_before_deep_prefix_keeps_its_input_prefix(tiny):
+    older = tiny.build(deep_prefix=None)  # a Config restored from such a checkpoint has no value for it
+    assert not older.deep_prefix and older.user_prompt.n_prefix == older.n_query
 
 
 def test_the_target_item_never_appears_in_the_prompt(laser, batch):
@@ -383,6 +412,7 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
         {"stage2_epochs": 0},
         {"cf_model": "BERT4Rec"},
         {"embedding_head": "none", "center_embeddings": False},  # the paper's scoring (laser_paper.yaml)
+        {"deep_prefix": False},  # the paper's input prefix
     ],
     ids=lambda ablation: ",".join(f"{k}={v}" for k, v in ablation.items()) or "laser",
 )

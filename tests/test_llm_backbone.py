@@ -7,7 +7,7 @@ from transformers import BertConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recbole_llm.errors import RecBoleLLMError
-from recbole_llm.llm import LLMBackbone, load_llm
+from recbole_llm.llm import LLMBackbone, backbone, load_llm
 from recbole_llm.llm.backbone import clear_llm_cache
 
 TINY_ALIASES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
@@ -93,6 +93,17 @@ def test_smollm2_is_the_real_pretrained_model(smollm2):
     with torch.no_grad():
         generated = smollm2.model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(generated[0, prompt.input_ids.shape[1] :])
+
+
+def test_a_gguf_file_is_converted_once_then_read_as_a_model_directory(smollm2, monkeypatch):
+    folder = backbone._converted_gguf(backbone._smollm2_gguf())  # written when the fixture loaded it
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    monkeypatch.setattr(backbone, "GgufConfig", None)  # converting again would fail
+    assert backbone._converted_gguf(backbone._smollm2_gguf()) == folder
+    model, tokenizer = backbone._load_gguf(backbone._smollm2_gguf(), torch.device("cpu"), torch.float32, None)
+    assert tokenizer("Toy Story (1995)")["input_ids"] == smollm2.tokenizer("Toy Story (1995)")["input_ids"]
+    weights, expected = model.state_dict(), smollm2.model.state_dict()
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])

@@ -50,10 +50,16 @@ def test_input_embeddings_off_the_first_device_are_a_one_line_error():
 
 
 def test_laser_trains_through_a_dispatched_llm(workdir, cf_checkpoint):
-    laser, run = build("Laser", SECOND_LAYER_ON_DISK, workdir, cf_checkpoint, stage2_epochs=0)
+    laser, run = build("Laser", SECOND_LAYER_ON_DISK, workdir, cf_checkpoint, stage2_epochs=0, deep_prefix=False)
     suffix_before = laser.suffix_tokens.detach().clone()
     LLMTrainer(run.config, laser).fit(run.train_data, run.valid_data, saved=False)
     assert not torch.equal(laser.suffix_tokens, suffix_before)  # its gradient came back through the disk layer
+
+
+def test_deep_prefix_on_an_offloaded_layer_is_a_one_line_error(workdir, cf_checkpoint):
+    laser, run = build("Laser", SECOND_LAYER_ON_DISK, workdir, cf_checkpoint, stage2_epochs=0)
+    with pytest.raises(RecBoleLLMError, match="deep_prefix reads every layer's key/value maps"):
+        laser.calculate_loss(next(iter(run.train_data)))
 
 
 def test_rsllm_trains_lora_beside_the_layers_of_a_dispatched_llm(workdir, cf_checkpoint):

@@ -45,6 +45,11 @@ def test_candidates_hold_the_target_once_and_no_history_item():
         assert 0 not in row and not set(row) & (set(seen) - {0})
     again = sample_candidates(history, targets, 12, 6, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], candidates) and torch.equal(again[1], target_index)  # fixed by the seed
+    excluded = torch.zeros(16, dtype=torch.bool).index_fill_(0, torch.tensor([1, 10, 11]), True)  # e.g. cold items
+    candidates, target_index = sample_candidates(history, targets, 16, 6, torch.Generator().manual_seed(0), excluded)
+    assert torch.equal(candidates[torch.arange(3), target_index], targets)  # a target is listed, excluded or not
+    wrong = candidates.masked_fill(torch.arange(6) == target_index[:, None], 0)
+    assert not torch.isin(wrong, torch.tensor([1, 10, 11])).any()
 
 
 def test_too_many_candidates_for_a_history_is_a_one_line_error():

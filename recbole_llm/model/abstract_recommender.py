@@ -1,5 +1,6 @@
 """What an LLM-based sequential recommender is to the run and the LLMTrainer: its settings checks, its frozen
-backbones, its training stages and its item matrix; and the parameter counts every log and table reports."""
+backbones, its training stages, its item matrix and the items its training losses leave out; and the two things
+every model of a run shares with it: the parameter counts every log and table reports, and which items are cold."""
 
 from dataclasses import dataclass
 
@@ -16,6 +17,15 @@ def count_parameters(module):
     """(trainable, total) parameter counts of a module."""
     parameters = list(module.parameters())
     return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def cold_items(config, dataset):
+    """The cold items' ids [n_cold], sorted: round(cold_item_ratio * items) of the items, drawn with the seed; none
+    without the setting (or in a checkpoint written before it: None)."""
+    n_items = dataset.item_num - 1  # id 0 is padding
+    n_cold = round((config["cold_item_ratio"] or 0) * n_items)
+    generator = torch.Generator().manual_seed(config["seed"])
+    return (torch.randperm(n_items, generator=generator)[:n_cold] + 1).sort().values
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,10 @@ class LLMSequentialRecommender(SequentialRecommender):
     The item matrix: every item's unit-norm embedding [n_items, d] (row 0, padding, stays zero), computed once per
     evaluation (or per epoch, or frozen: the model says) and reused by every user batch. It is a buffer, so that a
     checkpoint holds the matrix it scores with and whether its weights made that matrix.
+
+    Cold items (cold_item_ratio) are, in training, items that do not exist yet: no training loss has them among its
+    candidates (`without_cold_items`), else every step teaches the model that they are wrong answers. Evaluation
+    ranks them as every item.
     """
 
     def __init__(self, config, dataset):
@@ -43,6 +57,8 @@ class LLMSequentialRecommender(SequentialRecommender):
         self.config = config
         self.item_batch_size = config["item_batch_size"]
         self.stage = None
+        is_cold = torch.zeros(self.n_items, dtype=torch.bool).index_fill_(0, cold_items(config, dataset), True)
+        self.register_buffer("is_cold_item", is_cold, persistent=False)  # [n_items]: drawn again from config
 
     # ---- Settings and backbones ----------------------------------------------------------------------------------
 
@@ -121,7 +137,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         items = items[self.item_text_lengths[items].argsort(stable=True)]
         embeddings = torch.cat([self.item_embedding(batch) for batch in items.split(self.item_batch_size)])
         self.train(was_training)
-        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings, dim=-1))
+        return torch.zeros_like(self.item_matrix).index_copy(0, items, F.normalize(embeddings.float(), dim=-1))
 
     def refresh_item_matrix(self):
         """Recompute the item matrix, unless no weight changed since it was computed (e.g. an epoch right after a
@@ -133,6 +149,10 @@ class LLMSequentialRecommender(SequentialRecommender):
     def item_matrix_outdated(self):
         """The weights the item matrix was computed with are changing (an optimizer step follows, or another stage)."""
         self.item_matrix_is_current.fill_(False)
+
+    def without_cold_items(self, scores):
+        """Training scores over all items [B, n_items] with the cold items' at -inf: no probability, no gradient."""
+        return scores.masked_fill(self.is_cold_item, float("-inf"))
 
     # ---- Modes and checkpoints ---------------------------------------------------------------------------------
 

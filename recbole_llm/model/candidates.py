@@ -6,15 +6,18 @@ import torch
 from recbole_llm.errors import RecBoleLLMError
 
 
-def sample_candidates(history, targets, n_items, n_candidates, generator=None):
+def sample_candidates(history, targets, n_items, n_candidates, generator=None, excluded=None):
     """Candidates [N, C] holding each target once plus C - 1 distinct items not in its history, and where the
     target sits [N].
 
     history [N, L] item ids (0: padding), targets [N]; everything is drawn from `generator` (on the CPU; None: torch's
-    default one), so the same seed gives the same candidates.
+    default one), so the same seed gives the same candidates. excluded [n_items] (bool, on the CPU): items never drawn
+    as a wrong candidate (training leaves out the cold items: they do not exist yet).
     """
     n_users = len(targets)
     seen = torch.zeros(n_users, n_items, dtype=torch.bool)  # [N, n_items]
+    if excluded is not None:
+        seen |= excluded
     seen.scatter_(1, history, True)
     seen.scatter_(1, targets[:, None], True)
     seen[:, 0] = True  # the padding item

@@ -9,7 +9,10 @@ user side trains against it, (2) the best item matrix is frozen and training goe
 Beyond the paper, for small LLMs whose outputs all point one way (SmolLM2-135M: items' mean pairwise cosine 0.976,
 so cosine / tau cannot tell items apart): ``center_embeddings`` compares users and items after subtracting the mean
 item row, and ``embedding_head: linear`` maps both through one trainable linear layer (identity at the start), the
-one path by which the item side gets gradient. Both are off in properties/laser_paper.yaml.
+one path by which the item side gets gradient. Input tokens barely steer so small an LLM (moving the prefix by its
+own scale turns the output by a cosine of 0.009), so ``deep_prefix`` gives every layer the prefix as keys and
+values (P-tuning v2), made by that layer's own frozen norm and key/value maps. All three are off in
+properties/laser_paper.yaml.
 """
 
 from logging import getLogger
@@ -45,6 +48,7 @@ class Laser(LLMSequentialRecommender):
         self.n_suffix = config["n_suffix"]
         self.tau = config["tau"]
         self.center_embeddings = config["center_embeddings"]
+        self.deep_prefix = bool(config["deep_prefix"])  # None: a checkpoint from before the setting, input tokens
         self.moe_balance_weight = config["moe_balance_weight"]
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
         item_texts = item_texts_from_config(config, dataset)
@@ -59,7 +63,7 @@ class Laser(LLMSequentialRecommender):
 
         # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
         item_text = ItemTextTable.from_config(config, item_texts, self.llm.tokenizer)
-        n_user_prefix = 0 if self.prefix_mode == "none" else self.n_query
+        n_user_prefix = 0 if self.prefix_mode == "none" or self.deep_prefix else self.n_query  # input tokens
         n_item_prefix = n_user_prefix if self.item_prefix == "mformer" else 0
         self.user_prompt = self._prompt_assembler(config, item_text, n_user_prefix)
         self.item_prompt = self._prompt_assembler(config, item_text, n_item_prefix)
@@ -122,6 +126,7 @@ class Laser(LLMSequentialRecommender):
         require(config, "n_suffix", config["n_suffix"] >= 1, "embeddings are read at a suffix, use 1 or more")
         require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
         require(config, "center_embeddings", isinstance(config["center_embeddings"], bool), "use True or False")
+        require(config, "deep_prefix", config["deep_prefix"] in (True, False, None), "use True or False")
 
     @classmethod
     def reads_cf_model(cls, config):
@@ -148,9 +153,9 @@ class Laser(LLMSequentialRecommender):
     def input_embeddings(self):
         return self.llm.input_embeddings()
 
-    def last_hidden_states(self, inputs_embeds, attention_mask, position_ids):
+    def last_hidden_states(self, inputs_embeds, attention_mask, position_ids, layer_prefix=None):
         """The decoder's states [B, T, d_llm] (layer llm_layers when set)."""
-        return last_hidden_states(self.run_decoder, inputs_embeds, attention_mask, position_ids)
+        return last_hidden_states(self.run_decoder, inputs_embeds, attention_mask, position_ids, layer_prefix)
 
     # ---- Prefix: the M-Former over the CF encoder's states C_u -------------------------------------------------
 
@@ -167,10 +172,11 @@ class Laser(LLMSequentialRecommender):
 
     def suffix_output(self, prompt_assembler, item_seq, item_len, prefix):
         """The LLM's last-layer output (layer llm_layers when set) at each prompt's last suffix token: [B, d_llm]."""
+        input_prefix, layer_prefix = (None, prefix) if self.deep_prefix else (prefix, None)
         prompt = prompt_assembler.assemble(
-            item_seq, item_len, self.input_embeddings(), prefix=prefix, suffix=self.suffix_tokens
+            item_seq, item_len, self.input_embeddings(), prefix=input_prefix, suffix=self.suffix_tokens
         )
-        hidden = self.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
+        hidden = self.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids, layer_prefix)
         rows = torch.arange(len(hidden), device=hidden.device)
         return hidden[rows, prompt.suffix_positions[:, -1]].float()
 
@@ -244,11 +250,11 @@ class Laser(LLMSequentialRecommender):
     # ---- RecBole's model contract ------------------------------------------------------------------------------
 
     def calculate_loss(self, interaction):
-        """Cross-entropy of the next item over all items, and lambda * the load-balancing term."""
+        """Cross-entropy of the next item over all items but the cold ones, and lambda * the load-balancing term."""
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
-        scores = self.scores(user_embedding)  # [B, n_items]
+        scores = self.without_cold_items(self.scores(user_embedding))  # [B, n_items]
         next_item_loss = F.cross_entropy(scores, interaction[self.POS_ITEM_ID])
         balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
         return next_item_loss, self.moe_balance_weight * balance_loss

@@ -207,6 +207,9 @@ class RSLLM(LLMSequentialRecommender):
 
         # the causal LLM's state where the user prompt ends ignores the candidates and the answer that follow it
         user_states = self.state_head(hidden[torch.arange(len(hidden), device=hidden.device), user_positions])
+        # the keys are the batch's next items: never a cold item (its training rows are gone), and the candidate lists
+        # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
+        # (abstract_recommender: without_cold_items)
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
         user_item_loss = info_nce(user_states, self.item_embedding(items), next_index, self.tau)
         if self.stage == TEXT_ONLY:
@@ -219,13 +222,15 @@ class RSLLM(LLMSequentialRecommender):
 
     def training_prompt(self, item_seq, item_len, next_items):
         """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
-        n_candidates candidates: the next item and items outside the history, drawn afresh for every batch. Returns
+        n_candidates candidates: the next item and warm items outside the history, drawn afresh for every batch. Returns
         the prompt and where each user prompt ends [B]."""
         prompt = self.user_prompt(item_seq, item_len)
         listed = torch.rand(len(item_seq)) < self.candidate_share  # [B] the rows whose prompt lists candidates
         if not listed.any():
             return prompt, torch.full_like(item_len, prompt.attention_mask.shape[1] - 1)
-        candidates, _ = sample_candidates(item_seq.cpu(), next_items.cpu(), self.n_items, self.n_candidates)
+        candidates, _ = sample_candidates(  # never a cold item: no loss teaches that it is a wrong answer
+            item_seq.cpu(), next_items.cpu(), self.n_items, self.n_candidates, excluded=self.is_cold_item.cpu()
+        )
         listing = self.candidate_list(candidates.to(item_seq.device))
         listing.attention_mask[~listed.to(item_seq.device)] = 0  # the other rows' lists become padding
         prompt = joined(prompt, listing)
@@ -295,7 +300,7 @@ class RSLLM(LLMSequentialRecommender):
 
     def full_sort_predict(self, interaction):
         user_states = self.user_states(interaction)
-        with torch.autocast(user_states.device.type, enabled=False):
+        with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, also under bf16 autocast
             return user_states @ self.item_matrix.T / self.tau  # [B, n_items]
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------

@@ -1,0 +1,60 @@
+"""cpu_bf16: on a CPU with bf16 matrix units, the LLM models train, compute their item matrices and evaluate under
+bf16 autocast, as on a GPU, while their scores, losses and item matrices stay fp32."""
+
+import pytest
+import torch
+
+import recbole_llm.trainer
+from recbole_llm.trainer import LLMTrainer
+from tests.conftest import tiny_run
+
+pytestmark = pytest.mark.usefixtures("workdir")
+
+
+def record_dtypes(model):
+    """The dtypes the LLM's linear maps output (its residual stream adds in fp32) and those of the full-ranking
+    scores, as they are computed."""
+    seen = {"llm": set(), "scores": set()}
+    llm = model.llm if isinstance(model.llm, torch.nn.Module) else model.llm.model  # Laser holds a frozen wrapper
+    for module in llm.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _, __, output: seen["llm"].add(output.dtype))
+    full_sort_predict = model.full_sort_predict
+
+    def recorded(interaction):
+        scores = full_sort_predict(interaction)
+        seen["scores"].add(scores.dtype)
+        return scores
+
+    model.full_sort_predict = recorded
+    return seen
+
+
+@pytest.mark.parametrize("model_name", ["Laser", "RSLLM"])
+def test_cpu_bf16_runs_the_llm_in_bf16_and_keeps_scores_and_item_matrix_fp32(
+    model_name, workdir, cf_checkpoint, monkeypatch
+):
+    monkeypatch.setattr(recbole_llm.trainer, "cpu_computes_bf16", lambda: True)  # autocast runs on any CPU
+    run = tiny_run(model_name, workdir / model_name, cf_checkpoint=cf_checkpoint, cpu_bf16=True, candidate_eval=False)
+    model = run.build()
+    trainer = LLMTrainer(run.config, model)
+    assert trainer.amp_dtype == torch.bfloat16
+    seen = record_dtypes(model)
+
+    trainer.fit(run.train_data, run.valid_data, saved=False)
+    result = trainer.evaluate(run.test_data, load_best_model=False)
+
+    assert seen["llm"] == {torch.bfloat16} and seen["scores"] == {torch.float32}
+    assert model.item_matrix.dtype == torch.float32 and model.item_matrix.norm(dim=-1)[1:].allclose(
+        torch.ones(()), atol=1e-3
+    )
+    assert all(0.0 <= value <= 1.0 for value in result.values())
+
+
+@pytest.mark.parametrize("setting, has_units, expected", [(False, True, None), (True, False, None)])
+def test_without_cpu_bf16_or_without_bf16_units_the_cpu_computes_in_fp32(
+    setting, has_units, expected, workdir, cf_checkpoint, monkeypatch
+):
+    monkeypatch.setattr(recbole_llm.trainer, "cpu_computes_bf16", lambda: has_units)
+    run = tiny_run("Laser", workdir / "fp32", cf_checkpoint=cf_checkpoint, cpu_bf16=setting)
+    assert LLMTrainer(run.config, run.build()).amp_dtype is expected
