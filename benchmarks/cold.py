@@ -36,7 +36,8 @@ def main(argv=None):
     ratio = profile.config.get("cold_item_ratio", COLD_ITEM_RATIO)
     results, companions = [], {}
     for label, settings in profile.cold.items():
-        config_dict = profile.run_config({"cold_item_ratio": ratio, **settings})
+        # the page ranks all items: no candidate protocol (the profile may turn it on for quality)
+        config_dict = profile.run_config({"cold_item_ratio": ratio, "candidate_eval": False, **settings})
         result = run_recbole_llm(settings["model"], profile.dataset, config_dict=config_dict)
         results.append({**result, "model": label})
         for companion in result["companions"]:  # the LLM models read one CF model: its row once
