@@ -205,9 +205,8 @@ class LLMTrainer(Trainer):
 
     Adds to RecBole's Trainer: an optimizer over ``requires_grad`` parameters, gradient accumulation, warmup + cosine
     schedule, bf16 autocast on CUDA (and with ``cpu_bf16`` on a CPU that computes in bf16), checkpoints without the
-    frozen backbones, the model's stages, each with
-    validation and early stopping, and (``candidate_eval``) LLaRA's candidate protocol on the test split. The best
-    checkpoint is the best over all stages; each stage starts from it.
+    frozen backbones, the model's stages, each with validation and early stopping, and (``candidate_eval``) LLaRA's
+    candidate protocol on the test split. The best checkpoint is the best over all stages; each stage starts from it.
     """
 
     def __init__(self, config, model):

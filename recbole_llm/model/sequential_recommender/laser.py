@@ -67,7 +67,8 @@ class Laser(LLMSequentialRecommender):
         n_item_prefix = n_user_prefix if self.item_prefix != "none" else 0
         self.user_prompt = self._prompt_assembler(config, item_text, n_user_prefix)
         self.item_prompt = self._prompt_assembler(config, item_text, n_item_prefix)
-        self.text_item_prompt = self._prompt_assembler(config, item_text, 0)  # an item without a prefix
+        # an item without a prefix (item_prefix warm_items: the cold ones)
+        self.text_item_prompt = self._prompt_assembler(config, item_text, 0) if n_item_prefix else self.item_prompt
         # long histories lose their oldest items; an item prompt (one item, no longer a prefix) fits when this does
         fit_to_context([self.user_prompt], self.llm.context_length(), self.llm.name)
 
