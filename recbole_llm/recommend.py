@@ -61,7 +61,8 @@ def recommend(model_file, user_ids=None, history=None, topk=10, trust_checkpoint
 def loaded(model_file, trust_checkpoint=False):
     """The config, model, dataset and item titles of a checkpoint, loaded once while the file stays the same."""
     path = os.path.realpath(model_file)
-    version = (os.stat(path).st_mtime_ns, os.stat(path).st_size) if os.path.isfile(path) else None
+    stat = os.stat(path) if os.path.isfile(path) else None  # a missing file: load_data_and_model says so
+    version = (stat.st_mtime_ns, stat.st_size) if stat else None
     return _loaded(path, version, trust_checkpoint)
 
 

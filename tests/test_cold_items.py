@@ -99,6 +99,27 @@ def test_no_training_loss_of_an_llm_model_gives_a_cold_item_probability(workdir,
         assert listed and not torch.isin(torch.cat(listed).cpu(), cold).any()  # candidate_train_share 1: every prompt
 
 
+@pytest.mark.parametrize("deep_prefix", [True, False])
+def test_laser_with_warm_items_writes_cold_items_without_the_prefix_and_the_others_with_it(
+    workdir, cf_checkpoint, deep_prefix
+):
+    tiny = tiny_run("Laser", workdir, cf_checkpoint=cf_checkpoint, cold_item_ratio=0.1, deep_prefix=deep_prefix)
+    laser = tiny.build(item_prefix="warm_items").eval()
+    cold = cold_items(tiny.config, tiny.train_data._dataset)
+    warm = torch.tensor([item for item in range(1, 40) if item not in cold])
+    items = torch.cat([cold[:4], warm[:6], cold[4:6]])  # mixed and unsorted, as no item matrix batch is
+    with torch.no_grad():
+        rows = laser.item_embedding(items)
+        without_prefix = laser.written_items(items, prefixed=False)
+        with_prefix = laser.written_items(items, prefixed=True)
+    is_cold = torch.isin(items, cold)
+    assert torch.allclose(rows[is_cold], without_prefix[is_cold], atol=1e-5)
+    assert torch.allclose(rows[~is_cold], with_prefix[~is_cold], atol=1e-5)
+    assert not torch.allclose(without_prefix, with_prefix, atol=1e-3)  # the prefix changes an item's row
+    assert torch.allclose(laser.item_embedding(cold[:3]), without_prefix[:3], atol=1e-5)  # batches of one kind
+    assert torch.allclose(laser.item_embedding(warm[:3]), with_prefix[4:7], atol=1e-5)
+
+
 @pytest.mark.parametrize("model", ["SASRec", "Laser"])
 def test_cold_metrics_are_those_of_the_test_users_of_cold_targets(workdir, cf_checkpoint, model):
     settings = {**SIZES["Laser"], "cf_checkpoint": cf_checkpoint} if model == "Laser" else {}

@@ -30,7 +30,7 @@ from recbole_llm.model.collaborative import CollaborativeEncoder
 from recbole_llm.model.layers import MFormer
 
 PREFIX_MODES = ("mformer", "free", "none")
-ITEM_PREFIXES = ("mformer", "none")
+ITEM_PREFIXES = ("mformer", "none", "warm_items")
 EMBEDDING_HEADS = ("none", "linear")
 REFRESHED_ITEMS, FROZEN_ITEMS = "refreshed_items", "frozen_items"
 
@@ -64,9 +64,11 @@ class Laser(LLMSequentialRecommender):
         # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
         item_text = ItemTextTable.from_config(config, item_texts, self.llm.tokenizer)
         n_user_prefix = 0 if self.prefix_mode == "none" or self.deep_prefix else self.n_query  # input tokens
-        n_item_prefix = n_user_prefix if self.item_prefix == "mformer" else 0
+        n_item_prefix = n_user_prefix if self.item_prefix != "none" else 0
         self.user_prompt = self._prompt_assembler(config, item_text, n_user_prefix)
         self.item_prompt = self._prompt_assembler(config, item_text, n_item_prefix)
+        # an item without a prefix (item_prefix warm_items: the cold ones)
+        self.text_item_prompt = self._prompt_assembler(config, item_text, 0) if n_item_prefix else self.item_prompt
         # long histories lose their oldest items; an item prompt (one item, no longer a prefix) fits when this does
         fit_to_context([self.user_prompt], self.llm.context_length(), self.llm.name)
 
@@ -186,10 +188,24 @@ class Laser(LLMSequentialRecommender):
         return self.suffix_output(self.user_prompt, item_seq, item_len, prefix), routing
 
     def item_embedding(self, items):
-        """Items [N] written as one-item histories with the user template: [N, d_llm]."""
+        """Items [N] written as one-item histories with the user template: [N, d_llm]. With item_prefix warm_items,
+        a cold item (cold_item_ratio) is written without the prefix, which would come from a CF row never trained
+        on it; the other items with it."""
+        if self.item_prefix != "warm_items":
+            return self.written_items(items, prefixed=self.item_prefix == "mformer")
+        cold = self.is_cold_item[items]
+        if not cold.any() or cold.all():  # a batch of one kind (the item matrix batches items by text length)
+            return self.written_items(items, prefixed=not cold.any())
+        parts = [self.written_items(items[~cold], prefixed=True), self.written_items(items[cold], prefixed=False)]
+        order = torch.cat([(~cold).nonzero().squeeze(1), cold.nonzero().squeeze(1)])
+        return torch.cat(parts)[order.argsort()]
+
+    def written_items(self, items, prefixed):
+        """The LLM's output at the suffix of each item [N] written alone, with the M-Former's prefix or none."""
+        if not prefixed:
+            return self.suffix_output(self.text_item_prompt, *self.text_item_prompt.item_only(items), None)
         item_seq, item_len = self.item_prompt.item_only(items)
-        prefix = self.history_prefix(item_seq, item_len)[0] if self.item_prefix == "mformer" else None
-        return self.suffix_output(self.item_prompt, item_seq, item_len, prefix)
+        return self.suffix_output(self.item_prompt, item_seq, item_len, self.history_prefix(item_seq, item_len)[0])
 
     # ---- Scores: cosine / tau, in the space the switches beyond the paper make ---------------------------------
 
