@@ -257,10 +257,10 @@ class LLMTrainer(Trainer):
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
     def _build_optimizer(self, **kwargs):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        groups = [group for group in self.model.optimizer_groups() if group["params"]]
+        if not groups:
             return None  # a stage sets what trains; the optimizer is rebuilt when it starts
-        return super()._build_optimizer(params=params, **kwargs)
+        return super()._build_optimizer(params=groups, **kwargs)
 
     def build_distributed_model(self):
         """DDP over the weights the current stage trains (None before a stage, or in one process). calculate_loss

@@ -17,6 +17,7 @@ from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
+from recbole_llm.model.sequential_recommender import rsllm as rsllm_module
 from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, joined
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.trainer import LLMTrainer
@@ -226,6 +227,8 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"item_prompt_template": "{item} and {item}"}, "item_prompt_template"),
         ({"candidate_template": "Pick one:"}, "must contain {candidates}"),
         ({"candidate_train_share": 1.5}, "candidate_train_share"),
+        ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
+        ({"center_states": "yes"}, "center_states"),
         ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
     ],
 )
@@ -310,6 +313,56 @@ def test_stage_1_then_stage_2_each_logged(trained):
     _, _, messages, _, _ = trained
     stage_lines = [m for m in messages if "stage '" in m and "epochs" in m]
     assert [TEXT_ONLY in stage_lines[0], UNIFIED in stage_lines[1], len(stage_lines)] == [True, True, 2]
+
+
+def test_the_slot_gate_learns_at_its_own_rate_in_stage_2_only(tiny, batch):
+    model = tiny.build(slot_gate_lr=0.05)
+    trainer = LLMTrainer(model.config, model)
+    for stage, gate_groups in ((TEXT_ONLY, []), (UNIFIED, [[0.05, 1]])):
+        model.begin_stage(stage)
+        optimizer = trainer._build_optimizer()
+        assert [[group["lr"], len(group["params"])] for group in optimizer.param_groups
+                if any(weight is model.slot_gate for weight in group["params"])] == gate_groups
+    model.train()
+    sum(model.calculate_loss(batch)).backward()
+    optimizer.step()  # Adam's first step moves each weight by its learning rate
+    assert abs(model.slot_gate.item()) == pytest.approx(0.05, rel=1e-3)
+    assert model.config["learning_rate"] < 0.01  # the other weights move by the run's rate
+
+
+def test_centred_scores_spread_items_that_the_llm_writes_alike(trained):
+    model, _, _, _, _ = trained
+    items = model.item_matrix[1:]
+
+    def mean_pairwise_cosine(rows):
+        cosines = rows @ rows.T
+        return ((cosines.sum() - cosines.trace()) / (len(rows) * (len(rows) - 1))).item()
+
+    centred = model.compared(items)
+    assert torch.allclose(centred.norm(dim=1), torch.ones(len(items)), atol=1e-5)
+    assert mean_pairwise_cosine(centred) < min(0.05, mean_pairwise_cosine(items) - 0.1)
+    model.center_states = False
+    try:
+        assert torch.allclose(model.compared(items), items, atol=1e-6)  # unit rows already: the paper's cosine
+    finally:
+        model.center_states = True
+
+
+def test_logq_shifts_each_key_by_minus_the_log_of_its_share_of_training_targets(tiny, batch):
+    model = tiny.build()
+    counts = torch.zeros(model.n_items)
+    for item, count in tiny.train_data._dataset.item_counter.items():
+        counts[item] = count
+    shares = model.log_item_share.exp()
+    assert shares.sum().item() == pytest.approx(1.0)
+    assert torch.equal(shares.argsort(stable=True), (counts + 1).argsort(stable=True))  # more targets, larger share
+    queries, keys, positives = torch.randn(4, 8), torch.randn(3, 8), torch.tensor([0, 1, 2, 0])
+    uniform = rsllm_module.info_nce(queries, keys, positives, 0.1, key_bias=torch.full((3,), 2.0))
+    assert uniform.item() == pytest.approx(rsllm_module.info_nce(queries, keys, positives, 0.1).item())
+    # a key that is a common target gets a lower logit: a query that names it pays more, one that does not pays less
+    popular_first = torch.tensor([-math.log(0.5), -math.log(0.1), -math.log(0.1)])
+    losses = [rsllm_module.info_nce(queries[:1], keys, positives[:1], 0.1, bias) for bias in (None, popular_first)]
+    assert losses[1] > losses[0]
 
 
 def test_projector_trains_in_stage_2_only(trained):

@@ -90,6 +90,11 @@ class LLMSequentialRecommender(SequentialRecommender):
         """Modules whose weights never train (their parameters have requires_grad False)."""
         return []
 
+    def optimizer_groups(self):
+        """The trainable weights as the optimizer's parameter groups (torch's dicts): one group at the run's
+        learning_rate, unless the model gives some weights a learning rate of their own."""
+        return [{"params": [weight for weight in self.parameters() if weight.requires_grad]}]
+
     # ---- Stages ------------------------------------------------------------------------------------------------
 
     def training_stages(self):

@@ -44,6 +44,7 @@ class RSLLM(LLMSequentialRecommender):
         listing_head, listing_tail = template_parts(config, "candidate_template", "candidates")
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
+        self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen.
@@ -78,6 +79,8 @@ class RSLLM(LLMSequentialRecommender):
 
         # 6a. The item matrix of full ranking: the item tower of every item, once per evaluation.
         self.register_item_matrix(backbone.hidden_size, item_text.lengths)
+        self.register_buffer("log_item_share", log_item_shares(dataset, self.n_items), persistent=False)
+        self.logq_correction = config["logq_correction"]
         self.set_stage(TEXT_ONLY)  # usable before any training stage ran, e.g. right after loading a checkpoint
         lora_parameters, _ = count_parameters(self.llm)
         getLogger().info(f"RSLLM: LoRA adapters with {lora_parameters:,} parameters on {config['lora_target_modules']}")
@@ -96,6 +99,10 @@ class RSLLM(LLMSequentialRecommender):
         for key in ("alpha", "beta"):
             require(config, key, is_number(config[key]) and config[key] >= 0, "it must be a loss weight >= 0")
         require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
+        require(config, "slot_gate_lr", is_number(config["slot_gate_lr"]) and config["slot_gate_lr"] > 0,
+                "it must be a positive learning rate")
+        for key in ("center_states", "logq_correction"):
+            require(config, key, isinstance(config[key], bool), "it must be True or False")
         require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
                 "it must be an integer >= 2")
         users = config["n_candidate_users"]
@@ -144,6 +151,13 @@ class RSLLM(LLMSequentialRecommender):
 
     def frozen_modules(self):
         return [self.cf_encoder, self.llm]  # the LLM's LoRA weights require grad, so checkpoints keep them
+
+    def optimizer_groups(self):
+        """The slot gate learns at slot_gate_lr: at the run's learning rate, Adam's ~lr a step would open it from 0
+        to ~0.004 in a 20-step stage, and the ID slots would never enter the prompts."""
+        trainable = [weight for weight in self.parameters() if weight.requires_grad and weight is not self.slot_gate]
+        gate = [self.slot_gate] if self.slot_gate.requires_grad else []
+        return [{"params": trainable}, {"params": gate, "lr": self.slot_gate_lr}]
 
     def train(self, mode=True):
         super().train(mode)  # the LLM, a frozen module, is now in eval mode ...
@@ -211,7 +225,12 @@ class RSLLM(LLMSequentialRecommender):
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
         # (abstract_recommender: without_cold_items)
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
-        user_item_loss = info_nce(user_states, self.item_embedding(items), next_index, self.tau)
+        # logQ: an item is a batch's key as often as it is a next item; subtracting log of that share makes the
+        # in-batch softmax estimate the softmax over all items, so popular items are not pushed down
+        key_bias = -self.log_item_share[items] if self.logq_correction else None
+        user_item_loss = info_nce(
+            self.compared(user_states), self.compared(self.item_embedding(items)), next_index, self.tau, key_bias
+        )
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
@@ -274,6 +293,10 @@ class RSLLM(LLMSequentialRecommender):
             TrainingStage(UNIFIED, self.config["stage2_epochs"]),
         ]
 
+    def begin_epoch(self, epoch_idx):
+        if self.center_states:
+            self.refresh_item_matrix()  # the centre of training's scores: the mean item row of this epoch's weights
+
     def set_stage(self, name):
         if name not in (TEXT_ONLY, UNIFIED):
             raise RecBoleLLMError(
@@ -288,20 +311,32 @@ class RSLLM(LLMSequentialRecommender):
 
     # ---- 6a. Full ranking: user state . item tower of all items --------------------------------------------------
 
+    def compared(self, states):
+        """User or item-tower states [N, d] as scores compare them: unit norm, in fp32; with center_states, the mean
+        item row subtracted (the LLM's states share one direction: items' mean pairwise cosine 0.89) and
+        renormalised."""
+        with torch.autocast(states.device.type, enabled=False):
+            unit_rows = F.normalize(states.float(), dim=-1)
+            if not self.center_states:
+                return unit_rows
+            return F.normalize(unit_rows - self.item_matrix[1:].mean(0), dim=-1)
+
     def user_states(self, interaction):
-        """Unit-norm user states [B, d_llm] of the histories of a batch, in fp32."""
+        """User states [B, d_llm] of the histories of a batch as scores compare them (`compared`)."""
         prompt = self.user_prompt(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return F.normalize(self.state_head(self.prompt_state(prompt)).float(), dim=-1)
+        return self.compared(self.state_head(self.prompt_state(prompt)))
 
     def predict(self, interaction):
         user_states = self.user_states(interaction)
         with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, as info_nce
-            return (user_states * self.item_matrix[interaction[self.ITEM_ID]]).sum(-1) / self.tau  # [B]
+            return (user_states * self.compared(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau
 
     def full_sort_predict(self, interaction):
         user_states = self.user_states(interaction)
         with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, also under bf16 autocast
-            return user_states @ self.item_matrix.T / self.tau  # [B, n_items]
+            scores = user_states @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
+        scores[:, 0] = float("-inf")  # the padding item, whose row stays zero
+        return scores
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
 
@@ -320,12 +355,21 @@ class RSLLM(LLMSequentialRecommender):
         return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
 
 
-def info_nce(queries, keys, positives, tau):
-    """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
-    other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at |logit| ~ 20."""
+def info_nce(queries, keys, positives, tau, key_bias=None):
+    """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau (+ key_bias [K] when given): query n's positive
+    is keys[positives[n]], the other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at
+    |logit| ~ 20."""
     with torch.autocast(queries.device.type, enabled=False):
         logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / tau  # [N, K]
-        return F.cross_entropy(logits, positives)
+        return F.cross_entropy(logits if key_bias is None else logits + key_bias, positives)
+
+
+def log_item_shares(dataset, n_items):
+    """log of each item's share of the training targets [n_items] (an item never seen counts as seen once)."""
+    counts = torch.ones(n_items)
+    for item, count in dataset.item_counter.items():
+        counts[item] += count
+    return (counts / counts.sum()).log()
 
 
 def joined(first, second):
