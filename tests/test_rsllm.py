@@ -229,6 +229,7 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"candidate_train_share": 1.5}, "candidate_train_share"),
         ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
         ({"center_states": "yes"}, "center_states"),
+        ({"user_item_negatives": "all"}, "user_item_negatives"),
         ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
     ],
 )
@@ -363,6 +364,24 @@ def test_logq_shifts_each_key_by_minus_the_log_of_its_share_of_training_targets(
     popular_first = torch.tensor([-math.log(0.5), -math.log(0.1), -math.log(0.1)])
     losses = [rsllm_module.info_nce(queries[:1], keys, positives[:1], 0.1, bias) for bias in (None, popular_first)]
     assert losses[1] > losses[0]
+
+
+def test_all_item_negatives_add_every_other_warm_item_without_gradient(tiny, batch):
+    model = tiny.build(user_item_negatives="all_items", cold_item_ratio=0.1)
+    model.begin_stage(TEXT_ONLY)
+    model.begin_epoch(0)  # the item matrix the negatives come from
+    model.train()
+    assert torch.isfinite(sum(model.calculate_loss(batch)))
+
+    model.center_states = False  # rows that name their item: (id, 1, 0, ...) / norm
+    model.item_matrix.zero_()
+    model.item_matrix[:, 0], model.item_matrix[:, 1] = torch.arange(model.n_items), 1.0
+    items = torch.unique(batch[model.POS_ITEM_ID])
+    others = model.other_item_rows(items)
+    named = (others[:, 0] / others[:, 1]).round().long()
+    warm = (~model.is_cold_item).nonzero().flatten()
+    assert named.tolist() == [item for item in warm.tolist() if item != 0 and item not in items.tolist()]
+    assert not others.requires_grad
 
 
 def test_projector_trains_in_stage_2_only(trained):

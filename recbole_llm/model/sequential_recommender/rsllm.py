@@ -45,6 +45,7 @@ class RSLLM(LLMSequentialRecommender):
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
+        self.all_item_negatives = config["user_item_negatives"] == "all_items"
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen.
@@ -101,6 +102,8 @@ class RSLLM(LLMSequentialRecommender):
         require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
         require(config, "slot_gate_lr", is_number(config["slot_gate_lr"]) and config["slot_gate_lr"] > 0,
                 "it must be a positive learning rate")
+        require(config, "user_item_negatives", config["user_item_negatives"] in ("in_batch", "all_items"),
+                "use in_batch (the paper) or all_items")
         for key in ("center_states", "logq_correction"):
             require(config, key, isinstance(config[key], bool), "it must be True or False")
         require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
@@ -228,9 +231,10 @@ class RSLLM(LLMSequentialRecommender):
         # logQ: an item is a batch's key as often as it is a next item; subtracting log of that share makes the
         # in-batch softmax estimate the softmax over all items, so popular items are not pushed down
         key_bias = -self.log_item_share[items] if self.logq_correction else None
-        user_item_loss = info_nce(
-            self.compared(user_states), self.compared(self.item_embedding(items)), next_index, self.tau, key_bias
-        )
+        keys = self.compared(self.item_embedding(items))
+        if self.all_item_negatives:
+            keys, key_bias = torch.cat([keys, self.other_item_rows(items)]), None
+        user_item_loss = info_nce(self.compared(user_states), keys, next_index, self.tau, key_bias)
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
@@ -238,6 +242,14 @@ class RSLLM(LLMSequentialRecommender):
         title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
         id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
         return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss
+
+    def other_item_rows(self, items):
+        """Every warm item but `items`, as a row of the item matrix computed at the epoch's start (no gradient):
+        the negatives that user_item_negatives: all_items adds to the batch's keys."""
+        others = ~self.is_cold_item
+        others[0] = False
+        others[items] = False
+        return self.compared(self.item_matrix[others])
 
     def training_prompt(self, item_seq, item_len, next_items):
         """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
@@ -294,7 +306,7 @@ class RSLLM(LLMSequentialRecommender):
         ]
 
     def begin_epoch(self, epoch_idx):
-        if self.center_states:
+        if self.center_states or self.all_item_negatives:
             self.refresh_item_matrix()  # the centre of training's scores: the mean item row of this epoch's weights
 
     def set_stage(self, name):
