@@ -17,7 +17,6 @@ from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.model.sequential_recommender import rsllm as rsllm_module
 from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, joined
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.trainer import LLMTrainer
@@ -229,7 +228,7 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"candidate_train_share": 1.5}, "candidate_train_share"),
         ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
         ({"center_states": "yes"}, "center_states"),
-        ({"user_item_negatives": "all"}, "user_item_negatives"),
+        ({"item_tower": "fixed"}, "item_tower"),
         ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
     ],
 )
@@ -339,49 +338,36 @@ def test_centred_scores_spread_items_that_the_llm_writes_alike(trained):
         cosines = rows @ rows.T
         return ((cosines.sum() - cosines.trace()) / (len(rows) * (len(rows) - 1))).item()
 
-    centred = model.compared(items)
+    assert torch.allclose(model.compared(items), items, atol=1e-6)  # unit rows already: the paper's cosine
+    model.center_states = True
+    try:
+        centred = model.compared(items)
+    finally:
+        model.center_states = False
     assert torch.allclose(centred.norm(dim=1), torch.ones(len(items)), atol=1e-5)
     assert mean_pairwise_cosine(centred) < min(0.05, mean_pairwise_cosine(items) - 0.1)
-    model.center_states = False
-    try:
-        assert torch.allclose(model.compared(items), items, atol=1e-6)  # unit rows already: the paper's cosine
-    finally:
-        model.center_states = True
 
 
-def test_logq_shifts_each_key_by_minus_the_log_of_its_share_of_training_targets(tiny, batch):
-    model = tiny.build()
-    counts = torch.zeros(model.n_items)
-    for item, count in tiny.train_data._dataset.item_counter.items():
-        counts[item] = count
-    shares = model.log_item_share.exp()
-    assert shares.sum().item() == pytest.approx(1.0)
-    assert torch.equal(shares.argsort(stable=True), (counts + 1).argsort(stable=True))  # more targets, larger share
-    queries, keys, positives = torch.randn(4, 8), torch.randn(3, 8), torch.tensor([0, 1, 2, 0])
-    uniform = rsllm_module.info_nce(queries, keys, positives, 0.1, key_bias=torch.full((3,), 2.0))
-    assert uniform.item() == pytest.approx(rsllm_module.info_nce(queries, keys, positives, 0.1).item())
-    # a key that is a common target gets a lower logit: a query that names it pays more, one that does not pays less
-    popular_first = torch.tensor([-math.log(0.5), -math.log(0.1), -math.log(0.1)])
-    losses = [rsllm_module.info_nce(queries[:1], keys, positives[:1], 0.1, bias) for bias in (None, popular_first)]
-    assert losses[1] > losses[0]
-
-
-def test_all_item_negatives_add_every_other_warm_item_without_gradient(tiny, batch):
-    model = tiny.build(user_item_negatives="all_items", cold_item_ratio=0.1)
-    model.begin_stage(TEXT_ONLY)
-    model.begin_epoch(0)  # the item matrix the negatives come from
+def test_a_frozen_item_tower_is_computed_once_and_held_through_training_evaluation_and_stages(
+    tiny, batch, monkeypatch
+):
+    model = tiny.build(item_tower="frozen")
+    trainer = LLMTrainer(model.config, model)
+    model.begin_stage(TEXT_ONLY)  # computes the stage's item matrix
+    held = model.item_matrix.clone()
+    assert torch.allclose(held[1:].norm(dim=1), torch.ones(model.n_items - 1))
+    monkeypatch.setattr(model, "compute_item_matrix", lambda: pytest.fail("the held item matrix was computed again"))
+    monkeypatch.setattr(model, "item_embedding", lambda items: pytest.fail("the item tower ran in training"))
     model.train()
-    assert torch.isfinite(sum(model.calculate_loss(batch)))
-
-    model.center_states = False  # rows that name their item: (id, 1, 0, ...) / norm
-    model.item_matrix.zero_()
-    model.item_matrix[:, 0], model.item_matrix[:, 1] = torch.arange(model.n_items), 1.0
-    items = torch.unique(batch[model.POS_ITEM_ID])
-    others = model.other_item_rows(items)
-    named = (others[:, 0] / others[:, 1]).round().long()
-    warm = (~model.is_cold_item).nonzero().flatten()
-    assert named.tolist() == [item for item in warm.tolist() if item != 0 and item not in items.tolist()]
-    assert not others.requires_grad
+    optimizer = trainer._build_optimizer()
+    lm_loss, user_item_loss = model.calculate_loss(batch)
+    assert 0 < user_item_loss.item() / model.alpha < 2 * math.log(model.n_items)  # a softmax over every item
+    (lm_loss + user_item_loss).backward()
+    optimizer.step()
+    trainer.evaluate(tiny.valid_data, load_best_model=False)  # with changed weights, still the held matrix
+    model.begin_stage(UNIFIED)  # and in the next stage
+    model.calculate_loss(batch)
+    assert torch.equal(model.item_matrix, held)
 
 
 def test_projector_trains_in_stage_2_only(trained):

@@ -45,7 +45,7 @@ class RSLLM(LLMSequentialRecommender):
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
-        self.all_item_negatives = config["user_item_negatives"] == "all_items"
+        self.item_tower_frozen = config["item_tower"] == "frozen"
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen.
@@ -80,8 +80,6 @@ class RSLLM(LLMSequentialRecommender):
 
         # 6a. The item matrix of full ranking: the item tower of every item, once per evaluation.
         self.register_item_matrix(backbone.hidden_size, item_text.lengths)
-        self.register_buffer("log_item_share", log_item_shares(dataset, self.n_items), persistent=False)
-        self.logq_correction = config["logq_correction"]
         self.set_stage(TEXT_ONLY)  # usable before any training stage ran, e.g. right after loading a checkpoint
         lora_parameters, _ = count_parameters(self.llm)
         getLogger().info(f"RSLLM: LoRA adapters with {lora_parameters:,} parameters on {config['lora_target_modules']}")
@@ -102,10 +100,8 @@ class RSLLM(LLMSequentialRecommender):
         require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
         require(config, "slot_gate_lr", is_number(config["slot_gate_lr"]) and config["slot_gate_lr"] > 0,
                 "it must be a positive learning rate")
-        require(config, "user_item_negatives", config["user_item_negatives"] in ("in_batch", "all_items"),
-                "use in_batch (the paper) or all_items")
-        for key in ("center_states", "logq_correction"):
-            require(config, key, isinstance(config[key], bool), "it must be True or False")
+        require(config, "item_tower", config["item_tower"] in ("trained", "frozen"), "use trained (the paper) or frozen")
+        require(config, "center_states", isinstance(config["center_states"], bool), "it must be True or False")
         require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
                 "it must be an integer >= 2")
         users = config["n_candidate_users"]
@@ -228,13 +224,12 @@ class RSLLM(LLMSequentialRecommender):
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
         # (abstract_recommender: without_cold_items)
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
-        # logQ: an item is a batch's key as often as it is a next item; subtracting log of that share makes the
-        # in-batch softmax estimate the softmax over all items, so popular items are not pushed down
-        key_bias = -self.log_item_share[items] if self.logq_correction else None
-        keys = self.compared(self.item_embedding(items))
-        if self.all_item_negatives:
-            keys, key_bias = torch.cat([keys, self.other_item_rows(items)]), None
-        user_item_loss = info_nce(self.compared(user_states), keys, next_index, self.tau, key_bias)
+        if self.item_tower_frozen:  # every item, as the held item matrix writes it
+            scores = self.without_cold_items(self.scores(self.compared(user_states)))
+            user_item_loss = F.cross_entropy(scores, next_items)
+        else:  # the batch's next items, written by the item tower now
+            keys = self.compared(self.item_embedding(items))
+            user_item_loss = info_nce(self.compared(user_states), keys, next_index, self.tau)
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
@@ -242,14 +237,6 @@ class RSLLM(LLMSequentialRecommender):
         title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
         id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
         return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss
-
-    def other_item_rows(self, items):
-        """Every warm item but `items`, as a row of the item matrix computed at the epoch's start (no gradient):
-        the negatives that user_item_negatives: all_items adds to the batch's keys."""
-        others = ~self.is_cold_item
-        others[0] = False
-        others[items] = False
-        return self.compared(self.item_matrix[others])
 
     def training_prompt(self, item_seq, item_len, next_items):
         """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
@@ -305,9 +292,18 @@ class RSLLM(LLMSequentialRecommender):
             TrainingStage(UNIFIED, self.config["stage2_epochs"]),
         ]
 
+    def begin_stage(self, name):
+        super().begin_stage(name)
+        if self.item_tower_frozen:
+            self.refresh_item_matrix()  # once, when training starts: later stages find it current
+
     def begin_epoch(self, epoch_idx):
-        if self.center_states or self.all_item_negatives:
+        if self.center_states:
             self.refresh_item_matrix()  # the centre of training's scores: the mean item row of this epoch's weights
+
+    def item_matrix_outdated(self):
+        if not self.item_tower_frozen:  # frozen: the matrix stays the one user states learn against, in every stage
+            super().item_matrix_outdated()
 
     def set_stage(self, name):
         if name not in (TEXT_ONLY, UNIFIED):
@@ -344,10 +340,14 @@ class RSLLM(LLMSequentialRecommender):
             return (user_states * self.compared(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau
 
     def full_sort_predict(self, interaction):
-        user_states = self.user_states(interaction)
-        with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, also under bf16 autocast
-            scores = user_states @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
-        scores[:, 0] = float("-inf")  # the padding item, whose row stays zero
+        return self.scores(self.user_states(interaction))
+
+    def scores(self, user_states):
+        """Compared user states [B, d] . every compared item row / tau [B, n_items], in fp32 also under autocast;
+        the padding item is never a candidate."""
+        with torch.autocast(user_states.device.type, enabled=False):
+            scores = user_states @ self.compared(self.item_matrix).T / self.tau
+        scores[:, 0] = float("-inf")
         return scores
 
     # ---- 6b. LLaRA's protocol: pick the next item among candidates by writing its title -------------------------
@@ -367,21 +367,12 @@ class RSLLM(LLMSequentialRecommender):
         return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
 
 
-def info_nce(queries, keys, positives, tau, key_bias=None):
-    """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau (+ key_bias [K] when given): query n's positive
-    is keys[positives[n]], the other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at
-    |logit| ~ 20."""
+def info_nce(queries, keys, positives, tau):
+    """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
+    other keys are its negatives. In fp32 under autocast too: bf16's steps are 0.125 at |logit| ~ 20."""
     with torch.autocast(queries.device.type, enabled=False):
         logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / tau  # [N, K]
-        return F.cross_entropy(logits if key_bias is None else logits + key_bias, positives)
-
-
-def log_item_shares(dataset, n_items):
-    """log of each item's share of the training targets [n_items] (an item never seen counts as seen once)."""
-    counts = torch.ones(n_items)
-    for item, count in dataset.item_counter.items():
-        counts[item] += count
-    return (counts / counts.sum()).log()
+        return F.cross_entropy(logits, positives)
 
 
 def joined(first, second):
