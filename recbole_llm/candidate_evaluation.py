@@ -1,7 +1,8 @@
 """LLaRA's candidate protocol, an evaluation beside RecBole's full ranking, for every model on the same candidates:
 each test user's next item is picked from a list of candidates. A model that writes answers (RSLLM's
 ``answer_candidates``) picks by writing a title; any other model picks its highest-scored candidate
-(``full_sort_predict``), so its every answer is valid.
+(``full_sort_predict``), so its every answer is valid. A general model such as Pop, whose batches hold no histories,
+answers the sequential models' candidates: ``sequential_test_data`` gives it the test split as they read it.
 
 Each user gets the target and `n_candidates - 1` items outside their history, in a seeded random order: the same
 users and candidates for every model of a run. An answer is valid when it names one candidate, and a hit when that
@@ -11,13 +12,16 @@ and their product (hits / answers, LLaRA's model-selection metric) join RecBole'
 """
 
 import re
+from copy import copy
 from logging import getLogger
 
 import torch
 import torch.nn.functional as F
+from recbole.data import create_dataset
 from recbole.data.interaction import Interaction, cat_interactions
-from recbole.utils import set_color
+from recbole.utils import ModelType, set_color
 
+from recbole_llm.cold_items import data_preparation
 from recbole_llm.distributed import evaluated_samples, gather_in_sample_order, is_distributed, process_share
 from recbole_llm.model.candidates import sample_candidates
 
@@ -38,8 +42,9 @@ def evaluate_candidates(model, eval_data, config):
     generator = torch.Generator().manual_seed(config["seed"])
     users = torch.randperm(len(interactions), generator=generator)[: config["n_candidate_users"] or len(interactions)]
     interactions = interactions[users]
+    dataset = eval_data._dataset
     candidates, target_index = sample_candidates(
-        interactions[model.ITEM_SEQ].cpu(), interactions[model.POS_ITEM_ID].cpu(), model.n_items,
+        interactions[dataset.item_id_list_field].cpu(), interactions[dataset.iid_field].cpu(), dataset.item_num,
         config["n_candidates"], generator,
     )  # [n, C], [n]
     named, answers, answered = [], [], process_share(len(users), config)  # each process answers its share of users
@@ -59,6 +64,14 @@ def evaluate_candidates(model, eval_data, config):
         + ", ".join(f"{key}: {value:.4f}" for key, value in metrics.items())
     )
     return metrics
+
+
+def sequential_test_data(config):
+    """The test split of config's run as its sequential models read it (each user's history and next item), for a
+    general model's candidates: the same users and candidates as theirs."""
+    sequential = copy(config)
+    sequential.final_config_dict = {**config.final_config_dict, "MODEL_TYPE": ModelType.SEQUENTIAL}
+    return data_preparation(sequential, create_dataset(sequential))[2]
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from recbole.data import create_dataset
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
+from recbole_llm.candidate_evaluation import sequential_test_data
 from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.cold_items import cold_test_result, data_preparation
@@ -81,6 +82,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         raise
     eval_start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    if config["candidate_eval"] and not trainer.reads_histories():  # Pop: the sequential models' users and candidates
+        test_result.update(trainer.candidate_result(sequential_test_data(config)))
     eval_end = time()
     cold_result = cold_test_result(config, trainer, test_data)
     trainable, total = count_parameters(model)  # of the tested weights' stage (a stage sets what trains)
@@ -114,7 +117,7 @@ def evaluate_collaborative_model(config, model, valid_data, test_data):
     beat."""
     recommender = model.cf_encoder.recommender
     trainer = get_trainer(config["MODEL_TYPE"], config["cf_model"])(config, recommender)
-    valid_score = trainer.evaluate(valid_data, load_best_model=False)[config["valid_metric"].lower()]
+    valid_score = trainer._valid_epoch(valid_data)[0]  # a validation: RecBole's metrics, no candidate protocol
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=False)
     eval_time = time() - start

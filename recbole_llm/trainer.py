@@ -198,22 +198,28 @@ class SafeCheckpointMixin:
 
 class CandidateEvaluationMixin:
     """With ``candidate_eval``, a test adds LLaRA's candidate protocol (HR@1 and ValidRatio on the same seeded
-    candidates for every sequential model, recbole_llm.candidate_evaluation) to RecBole's metrics; validations read
-    RecBole's metrics only."""
+    candidates for every model, recbole_llm.candidate_evaluation) to RecBole's metrics; validations read RecBole's
+    metrics only."""
 
     validating = False
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = self.ranking_result(eval_data, load_best_model, model_file, show_progress)
         if eval_data and self.config["candidate_eval"] and not self.validating and self.reads_histories():
-            self.model.eval()
-            with self._out_of_memory_advice("eval"):
-                result.update(evaluate_candidates(self.model, eval_data, self.config))
+            result.update(self.candidate_result(eval_data))
         return result
+
+    def candidate_result(self, eval_data):
+        """The candidate protocol on eval_data, a sequential model's loader (a general model's: quick_start gives
+        it ``sequential_test_data``)."""
+        self.model.eval()
+        with self._out_of_memory_advice("eval"):
+            return evaluate_candidates(self.model, eval_data, self.config)
 
     def reads_histories(self):
         """Whether the model is sequential: the candidates lie outside each user's history, as its batches hold it
-        (general models such as Pop are evaluated on other batches, and skip the protocol)."""
+        (general models such as Pop are evaluated on other batches: their test is followed by ``candidate_result``
+        on the sequential models' test batches)."""
         return hasattr(self.model, "ITEM_SEQ")
 
     def ranking_result(self, eval_data, load_best_model, model_file, show_progress):

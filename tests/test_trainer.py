@@ -1,4 +1,5 @@
-"""LLMTrainer: trainable-only optimizer and checkpoints, stages in order, hooks, accumulation, capped epochs."""
+"""LLMTrainer: trainable-only optimizer and checkpoints, stages in order, hooks, accumulation, capped epochs; the
+candidate protocol of a general model."""
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ from recbole.utils import InputType
 from torch import nn
 
 from conftest import TINY_DATASET, tiny_config
+from recbole_llm import candidate_evaluation
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage
+from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.trainer import LLMTrainer
 
 
@@ -134,3 +137,31 @@ def test_per_term_losses_are_returned(toy):
     trainer._start_stage(model.training_stages()[0], len(train_data))
     losses = trainer._train_epoch(train_data, 0)
     assert isinstance(losses, tuple) and len(losses) == 2 and losses[0] > 0 and losses[1] == 0
+
+
+# ---- The candidate protocol for a general model ------------------------------------------------------------------
+
+
+def test_pop_picks_its_most_popular_candidate_among_the_sequential_models_candidates(workdir, monkeypatch):
+    picks = {}  # model class -> (model, candidates [B, C], which one it picked [B, C])
+    pick = candidate_evaluation.picked_candidates
+
+    def recorded(model, interaction, candidates):
+        named, answers = pick(model, interaction, candidates)
+        picks[type(model).__name__] = model, candidates, named
+        return named, answers
+
+    monkeypatch.setattr(candidate_evaluation, "picked_candidates", recorded)
+    runs = {
+        name: run_recbole_llm(model=name, dataset=TINY_DATASET, config_dict=tiny_config(
+            workdir, candidate_eval=True, n_candidates=5
+        )) for name in ("Pop", "SASRec")
+    }
+    pop = runs["Pop"]["test_result"]
+    assert pop["valid_ratio"] == 1 and pop["hr@1_candidates"] == pop["hr@1_x_valid_ratio"] > 0
+    assert "hr@1_candidates" not in runs["Pop"]["best_valid_result"]
+    model, candidates, named = picks["Pop"]
+    assert torch.equal(candidates, picks["SASRec"][1])  # the same users and candidates as the sequential model's
+    assert len(candidates) == 100  # n_candidate_users of the test users
+    counts = model.item_cnt.squeeze(1).cpu()  # Pop's scores: training interactions per item
+    assert torch.equal(named.int().argmax(1), counts[candidates].argmax(1))  # its most popular candidate
