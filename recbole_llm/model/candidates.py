@@ -10,12 +10,14 @@ def sample_candidates(history, targets, n_items, n_candidates, generator=None, e
     """Candidates [N, C] holding each target once plus C - 1 distinct items not in its history, and where the
     target sits [N].
 
-    history [N, L] item ids (0: padding), targets [N]; everything is drawn from `generator` (on the CPU; None: torch's
-    default one), so the same seed gives the same candidates. excluded [n_items] (bool, on the CPU): items never drawn
-    as a wrong candidate (training leaves out the cold items: they do not exist yet).
+    history [N, L] item ids (0: padding), targets [N]; everything is computed on history's device (a training step's
+    draw needs no copy to the host) and drawn from `generator` (one on that device; None: torch's default one), so the
+    same seed gives the same candidates. excluded [n_items] (bool, on that device): items never drawn as a wrong
+    candidate (training leaves out the cold items: they do not exist yet).
     """
     n_users = len(targets)
-    seen = torch.zeros(n_users, n_items, dtype=torch.bool)  # [N, n_items]
+    device = history.device
+    seen = torch.zeros(n_users, n_items, dtype=torch.bool, device=device)  # [N, n_items]
     if excluded is not None:
         seen |= excluded
     seen.scatter_(1, history, True)
@@ -27,9 +29,9 @@ def sample_candidates(history, targets, n_items, n_candidates, generator=None, e
             f"n_candidates is {n_candidates} but a user has only {fewest_unseen} items outside their history: "
             f"set n_candidates to at most {fewest_unseen + 1}"
         )
-    draws = torch.rand(n_users, n_items, generator=generator).masked_fill(seen, -1.0)  # [N, n_items]
+    draws = torch.rand(n_users, n_items, generator=generator, device=device).masked_fill(seen, -1.0)  # [N, n_items]
     negatives = draws.topk(n_candidates - 1, dim=1).indices  # [N, C - 1] a uniform sample without replacement
     ordered = torch.cat([targets[:, None], negatives], dim=1)  # [N, C] the target first
-    order = torch.rand(n_users, n_candidates, generator=generator).argsort(dim=1)  # [N, C] shuffle the target's place
+    order = torch.rand(n_users, n_candidates, generator=generator, device=device).argsort(dim=1)  # [N, C] shuffle the target's place
     target_index = (order == 0).int().argmax(dim=1)  # [N]
     return ordered.gather(1, order), target_index

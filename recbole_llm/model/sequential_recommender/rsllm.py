@@ -243,14 +243,14 @@ class RSLLM(LLMSequentialRecommender):
         n_candidates candidates: the next item and warm items outside the history, drawn afresh for every batch. Returns
         the prompt and where each user prompt ends [B]."""
         prompt = self.user_prompt(item_seq, item_len)
-        listed = torch.rand(len(item_seq)) < self.candidate_share  # [B] the rows whose prompt lists candidates
+        listed = torch.rand(len(item_seq), device=item_seq.device) < self.candidate_share  # [B] rows that list some
         if not listed.any():
             return prompt, torch.full_like(item_len, prompt.attention_mask.shape[1] - 1)
         candidates, _ = sample_candidates(  # never a cold item: no loss teaches that it is a wrong answer
-            item_seq.cpu(), next_items.cpu(), self.n_items, self.n_candidates, excluded=self.is_cold_item.cpu()
+            item_seq, next_items, self.n_items, self.n_candidates, excluded=self.is_cold_item
         )
-        listing = self.candidate_list(candidates.to(item_seq.device))
-        listing.attention_mask[~listed.to(item_seq.device)] = 0  # the other rows' lists become padding
+        listing = self.candidate_list(candidates)
+        listing.attention_mask[~listed] = 0  # the other rows' lists become padding
         prompt = joined(prompt, listing)
         return prompt, prompt.attention_mask.shape[1] - 1 - listing.attention_mask.sum(1)
 
