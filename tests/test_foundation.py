@@ -96,7 +96,7 @@ def test_the_cpu_budget_applies_to_the_default_llm_only_where_the_user_set_nothi
     assert cpu_budget(config) == ({"llm_layers": 10} if llm_layers else {})
     rsllm = Config(model="RSLLM", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
     assert rsllm["llm_layers"] is None  # RSLLM writes titles: its LM head reads the last layer
-    rsllm_budget = {"cpu_bf16": True, "gradient_checkpointing": True, "item_tower": "frozen", "center_states": True}
+    rsllm_budget = {"cpu_bf16": True, "item_tower": "frozen", "center_states": True}
     assert cpu_budget(rsllm) == ({} if "llm_path" in settings else rsllm_budget)
     assert [rsllm["item_tower"], rsllm["center_states"]] == (
         ["trained", False] if "llm_path" in settings else ["frozen", True]  # the paper's, where the budget is off
