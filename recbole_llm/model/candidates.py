@@ -32,6 +32,7 @@ def sample_candidates(history, targets, n_items, n_candidates, generator=None, e
     draws = torch.rand(n_users, n_items, generator=generator, device=device).masked_fill(seen, -1.0)  # [N, n_items]
     negatives = draws.topk(n_candidates - 1, dim=1).indices  # [N, C - 1] a uniform sample without replacement
     ordered = torch.cat([targets[:, None], negatives], dim=1)  # [N, C] the target first
-    order = torch.rand(n_users, n_candidates, generator=generator, device=device).argsort(dim=1)  # [N, C] shuffle the target's place
+    # [N, C] shuffle the target's place
+    order = torch.rand(n_users, n_candidates, generator=generator, device=device).argsort(dim=1)
     target_index = (order == 0).int().argmax(dim=1)  # [N]
     return ordered.gather(1, order), target_index
