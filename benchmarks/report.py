@@ -12,20 +12,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from recbole_llm.environment import cpu_model
 from recbole_llm.errors import RecBoleLLMError
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 LIBRARIES = ("torch", "transformers", "peft", "recbole")
 CONFIG_MARK = "<details><summary>Profile</summary>"  # where the page's summary ends (update_readme.py copies above)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def git_revision():
@@ -83,12 +76,13 @@ def command_line(script, argv):
     return " ".join(["python", "-m", f"benchmarks.{script}", *argv])
 
 
-def write_page(stem, title, stamp, sections, gpu_name=None):
+def write_page(stem, title, stamp, sections, gpu_name=None, figure=True):
     """`<stem>.md`: the title, the stamp, then each (heading, Markdown text) section, the figure, and the profile."""
     parts = [f"## {title}", "", *stamp.lines(gpu_name), ""]
     for heading, text in sections:
         parts += [f"**{heading}**" if heading else "", "", text, ""]
-    parts += [f"![{title}]({Path(stem).name}.png)", "", CONFIG_MARK, "", "```yaml", stamp.profile.text.strip(), "```",
+    parts += [f"![{title}]({Path(stem).name}.png)", ""] if figure else []
+    parts += [CONFIG_MARK, "", "```yaml", stamp.profile.text.strip(), "```",
               "", "</details>", ""]
     Path(f"{stem}.md").write_text("\n".join(parts))
 

@@ -5,7 +5,8 @@ A profile holds ``dataset``; ``config``, the settings of every run (on top of pr
 command line goes on top of it); ``quality``, model -> its own settings (the quality and curves benchmarks run
 these); for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
 is not a model name), and ``cost_steps``, how much it measures per row; for the cold-start benchmark ``cold``, row
-label -> its own settings, as ``cost``.
+label -> its own settings, as ``cost``; for the ablation benchmark ``ablations``, its seeds and, per model, setting
+label -> settings.
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from recbole_llm.errors import RecBoleLLMError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 COST_STEPS = ("train", "profiled", "eval")
+PROFILE_KEYS = ("dataset", "config", "quality", "cost", "cost_steps", "cold")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Profile:
     cost: dict  # row label -> settings, `model` among them
     cost_steps: dict  # train, profiled, eval -> count
     cold: dict = field(default_factory=dict)  # row label -> settings, `model` among them
+    extra: dict = field(default_factory=dict)  # the file's other sections (e.g. `ablations`), as written
 
     def run_config(self, settings):
         """The config dict of one run: the profile's config, then the run's own settings."""
@@ -67,6 +70,7 @@ def load_profile(name_or_path, overrides=None):
         cost=cost,
         cost_steps=steps,
         cold=cold,
+        extra={key: value for key, value in content.items() if key not in PROFILE_KEYS},
     )
 
 

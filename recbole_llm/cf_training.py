@@ -1,6 +1,7 @@
 """Training the frozen CF model an LLM model reads, when the user names no ``cf_checkpoint``: the run does it before
 the model is built, with RecBole's trainer on the same dataset and split, and caches the checkpoint under
-``checkpoint_dir``, keyed by the dataset, the CF model and its settings only, so that the next run reuses it.
+``checkpoint_dir``, keyed by the dataset, the seed, the CF model and its settings only, so that the next run reuses
+it.
 
 The CF model's training settings are its RecBole defaults (with the plugin's overall.yaml) and ``cf_config``; of
 the LLM model's settings it takes only what decides the data and the split, and where it runs.
@@ -46,8 +47,9 @@ def cf_training_config(config):
     """The Config to train ``cf_model`` with: its defaults, the LLM model's data and split, then cf_config."""
     carried = {key: config[key] for key in config.parameters["Dataset"] + CARRIED_KEYS if key in config}
     carried["data_path"] = os.path.dirname(config["data_path"])  # the final data_path already ends in the dataset
-    if config["cold_item_ratio"]:
-        carried["seed"] = config["seed"]  # which items are cold: the CF model must not see them either
+    # one CF model per seed, so that a comparison over seeds has the CF model's variance in it (and which items are
+    # cold, with cold_item_ratio, is drawn with the seed: the CF model must not see them either)
+    carried["seed"] = config["seed"]
     if config["cf_hidden_size"]:
         carried["hidden_size"] = config["cf_hidden_size"]
     return CFConfig(model=config["cf_model"], dataset=config["dataset"], config_dict={**carried, **config["cf_config"]})

@@ -1,9 +1,25 @@
 """The comparison table of several runs, and the one table writer of the plugin and its benchmarks: Markdown for
-people, CSV for scripts."""
+people, CSV for scripts.
+
+A comparison runs every model once per seed on the same split. Its table has one row per model: each number's mean
+over the seeds (± their standard deviation when there are several), and each row's paired difference to the reference
+models on the same test users (the users' metrics averaged over the seeds first): the 95% interval and a mark where
+the paired test says the difference is significant after Holm's correction over the table's rows
+(recbole_llm.statistics). Beside the table: a CSV of its rows (and of every seed's), and one of every test user's
+metrics (user id, model, seed, metric, value).
+"""
 
 import csv
 
-COLD_METRICS = ("ndcg@10", "recall@10")  # of the test users whose target is a cold item (cold_item_ratio)
+import numpy as np
+
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.statistics import paired_difference, with_holm
+
+COLD_METRICS = ("ndcg@10", "recall@10")
+SPREAD_KEYS = ("test ", "best valid ", "cold ")  # the numbers whose spread over seeds the table shows
+# the settings (properties/overall.yaml) of the comparison's differences to its reference models
+SIGNIFICANCE_SETTINGS = ("significance_metrics", "significance_test", "significance_level", "bootstrap_resamples")  # of the test users whose target is a cold item (cold_item_ratio)
 
 
 def with_companions(results):
@@ -16,7 +32,7 @@ def comparison_rows(results):
     timings."""
     rows = []
     for result in results:
-        row = {"model": result["model"]}
+        row = {"model": result["model"], "seed": result.get("seed")}
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
         cold_result = result.get("cold_test_result")
         if cold_result is not None:
@@ -31,14 +47,152 @@ def comparison_rows(results):
     return rows
 
 
-def write_comparison(results, path_stem):
-    """Write ``<path_stem>.md`` and ``<path_stem>.csv``; returns the Markdown."""
-    rows = comparison_rows(results)
-    markdown = markdown_table(rows)
+def write_comparison(results, path_stem, references, settings, footer=()):
+    """Write ``<path_stem>.md``, ``.csv`` and ``-users.csv`` for results (run_recbole_llm's, companions included, every
+    seed's); references: the row labels the differences are taken against; settings: significance_metrics,
+    significance_test, significance_level, bootstrap_resamples. Returns the Markdown."""
+    metrics = settings["significance_metrics"]
+    seed_rows = comparison_rows(results)
+    rows = over_seeds(seed_rows)
+    alpha = settings["significance_level"]
+    for (metric, reference), family in reference_differences(results, references, settings).items():
+        for row in rows:
+            difference = family.get(row["model"])
+            key = difference_column(metric, reference)
+            row[key] = difference.text(alpha) if difference else "reference" if row["model"] == reference else None
+            if difference:
+                row.update({f"{key} low": difference.low, f"{key} high": difference.high,
+                            f"{key} p": difference.p_value, f"{key} p (Holm)": difference.p_holm})
+    shown = [key for key in all_keys(rows) if not key.endswith((" std", " low", " high", " p", " p (Holm)"))]
+    shown.remove("model")
+    deltas = [key for key in shown if key.startswith("Δ ")]
+    columns = {key: key for key in ["model", *deltas, *(key for key in shown if key not in deltas)]}
+    several_seeds = len(rows) < len(seed_rows)
+    notes = [
+        f"Δ: the row minus the reference on the same {users_count(results)} test users (each user's metric averaged "
+        f"over the seeds), the mean and its {1 - alpha:.0%} interval from a paired bootstrap over users "
+        f"({settings['bootstrap_resamples']} resamples); * where the paired {settings['significance_test']} test "
+        f"is significant at {alpha} after Holm's correction over the table's rows.",
+        *footer,
+    ]
+    markdown = markdown_table([with_spread(row) for row in rows] if several_seeds else rows, columns)
+    markdown += "\n\n" + "\n".join(notes)
     with open(path_stem + ".md", "w") as f:
         f.write(markdown + "\n")
-    write_csv(path_stem, rows)
+    write_csv(path_stem, rows + (seed_rows if several_seeds else []))
+    write_user_metrics(f"{path_stem}-users", results, metrics)
     return markdown
+
+
+def difference_column(metric, reference):
+    return f"Δ {metric} vs {reference}"
+
+
+def over_seeds(rows):
+    """One row per model: the mean of each number over its seeds and, under ``<key> std``, their standard deviation
+    (only when a model ran with several seeds); ``seed`` lists the seeds."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["model"], []).append(row)
+    summary = []
+    for label, group in groups.items():
+        if len(group) == 1:
+            summary.append(dict(group[0]))
+            continue
+        row = {"model": label, "seed": ",".join(str(r["seed"]) for r in group)}
+        for key in all_keys(group):
+            if key in row:
+                continue
+            numbers = [number(r.get(key)) for r in group]
+            if all(n is not None for n in numbers) and key != "trainable params":
+                row[key] = float(np.mean(numbers))
+                if key.startswith(SPREAD_KEYS):
+                    row[f"{key} std"] = float(np.std(numbers, ddof=1))
+            else:
+                row[key] = group[0].get(key)
+        summary.append(row)
+    return summary
+
+
+def number(value):
+    """A number of a comparison row (times are written as text) as a float; None for anything else."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def with_spread(row):
+    """A row for Markdown: `mean ± std` where the row has a std."""
+    return {key: f"{readable(value)} ± {readable(row[f'{key} std'])}" if f"{key} std" in row else value
+            for key, value in row.items()}
+
+
+def users_over_seeds(results, metric):
+    """{row label: (user ids [n] sorted, the users' metric averaged over the label's seeds [n])}, for the rows that
+    have per-user metrics."""
+    by_label = {}
+    for result in results:
+        per_user = result.get("test_per_user")
+        if per_user is None or metric not in per_user:
+            continue
+        order = np.argsort(per_user["user_id"], kind="stable")
+        by_label.setdefault(result["model"], []).append((per_user["user_id"][order], per_user[metric][order]))
+    averaged = {}
+    for label, seeds in by_label.items():
+        users = seeds[0][0]
+        if any(len(ids) != len(users) or np.any(ids != users) for ids, _ in seeds):
+            raise RecBoleLLMError(f"the seeds of {label} were tested on different users: compare runs on one split")
+        averaged[label] = (users, np.mean([values for _, values in seeds], axis=0))
+    return averaged
+
+
+def reference_differences(results, references, settings):
+    """{(metric, reference): {row label: PairedDifference}} for every significance metric and reference, each
+    family (the rows other than the reference) Holm-corrected."""
+    differences = {}
+    for metric in settings["significance_metrics"]:
+        users = users_over_seeds(results, metric)
+        for reference in references:
+            if reference not in users:
+                raise RecBoleLLMError(f"reference '{reference}' has no row with per-user {metric} in this comparison: "
+                                      f"name one of {', '.join(users)}")
+            reference_users, reference_values = users[reference]
+            family = {}
+            for label, (user_ids, values) in users.items():
+                if label == reference:
+                    continue
+                if len(user_ids) != len(reference_users) or np.any(user_ids != reference_users):
+                    raise RecBoleLLMError(f"{label} and {reference} were tested on different users: compare runs on "
+                                          f"one split")
+                family[label] = paired_difference(
+                    values, reference_values, resamples=settings["bootstrap_resamples"],
+                    level=1 - settings["significance_level"], test=settings["significance_test"],
+                )
+            with_holm(list(family.values()))
+            differences[(metric, reference)] = family
+    return differences
+
+
+def users_count(results):
+    counts = {len(r["test_per_user"]["user_id"]) for r in results if r.get("test_per_user") is not None}
+    return "/".join(map(str, sorted(counts))) or "0"
+
+
+def write_user_metrics(path_stem, results, metrics):
+    """``<path_stem>.csv``: user_id, model, seed, metric, value; a row per test user, run and metric."""
+    with open(f"{path_stem}.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["user_id", "model", "seed", "metric", "value"])
+        for result in results:
+            per_user = result.get("test_per_user")
+            for metric in metrics if per_user is not None else ():
+                writer.writerows(
+                    (user, result["model"], result.get("seed"), metric, repr(float(value)))
+                    for user, value in zip(per_user["user_id"], per_user[metric])
+                )
 
 
 def markdown_table(rows, columns=None):

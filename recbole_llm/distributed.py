@@ -13,14 +13,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from recbole.evaluator import Collector
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.per_user import USER_ID_KEY, PerUserCollector
 
 # The data RecBole's Collector gathers batch by batch: one row per evaluated sample (user) in full and sampled ranking.
-PER_SAMPLE_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
+PER_SAMPLE_KEYS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label", USER_ID_KEY)
 
 
 def join_process_group(settings):
@@ -119,8 +119,8 @@ def gather_in_sample_order(samples, columns):
     return merged
 
 
-class SampleGatheringCollector(Collector):
-    """RecBole's Collector whose data holds the rows of every process, each evaluated sample once and in sample
+class SampleGatheringCollector(PerUserCollector):
+    """RecBole's Collector (with user ids) whose data holds the rows of every process, each evaluated sample once and in sample
     order, so that the evaluator computes on every process the metrics of the whole evaluation set."""
 
     def __init__(self, config):

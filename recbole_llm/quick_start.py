@@ -20,9 +20,10 @@ from recbole_llm.candidate_evaluation import sequential_test_data
 from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.cold_items import cold_test_result, data_preparation
-from recbole_llm.comparison import with_companions, write_comparison
+from recbole_llm.comparison import SIGNIFICANCE_SETTINGS, with_companions, write_comparison
 from recbole_llm.config import Config, cpu_budget, restore_numpy_aliases, single_process
 from recbole_llm.distributed import writes_files
+from recbole_llm.environment import run_environment
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
 from recbole_llm.resume import read_resume_checkpoint, resume_file
@@ -54,6 +55,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         init_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
+    logger.info(set_color("environment", "blue") + f": {run_environment()} (its sums decide the last digits)")
     budget = cpu_budget(config)
     if budget:
         logger.info(set_color("the default LLM on a CPU", "blue") + f": {budget} (cpu_budget, unless you set them)")
@@ -82,6 +84,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         raise
     eval_start = time()
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_per_user = user_tokens(trainer.last_per_user, dataset, config)
     if config["candidate_eval"] and not trainer.reads_histories():  # Pop: the sequential models' users and candidates
         test_result.update(trainer.candidate_result(sequential_test_data(config)))
     eval_end = time()
@@ -93,14 +96,16 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     if cold_result:
         logger.info(set_color("test result on cold items", "yellow") + f": {cold_result}")
     return {
-        "companions": [evaluate_collaborative_model(config, model, valid_data, test_data)]
+        "companions": [evaluate_collaborative_model(config, model, dataset, valid_data, test_data)]
         if hasattr(model, "cf_encoder") else [],
         "model": config["model"],
+        "seed": config["seed"],
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "valid_metric": config["valid_metric"],
         "best_valid_result": best_valid_result,
         "test_result": test_result,
+        "test_per_user": test_per_user,
         "cold_test_result": cold_result,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -109,10 +114,18 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "eval_time": eval_end - eval_start,
         "saved_model_file": trainer.saved_model_file if saved else None,
         "checkpoint_dir": config["checkpoint_dir"],
+        "comparison_settings": {key: config[key] for key in SIGNIFICANCE_SETTINGS},
     }
 
 
-def evaluate_collaborative_model(config, model, valid_data, test_data):
+def user_tokens(per_user, dataset, config):
+    """Per-user metrics with the dataset's user ids (as its files write them) instead of RecBole's internal ones."""
+    if per_user is None:
+        return None
+    return {**per_user, "user_id": dataset.id2token(config["USER_ID_FIELD"], per_user["user_id"])}
+
+
+def evaluate_collaborative_model(config, model, dataset, valid_data, test_data):
     """The frozen CF model an LLM model is built on, scored on the same validation and test users: the number to
     beat."""
     recommender = model.cf_encoder.recommender
@@ -121,12 +134,15 @@ def evaluate_collaborative_model(config, model, valid_data, test_data):
     start = time()
     test_result = trainer.evaluate(test_data, load_best_model=False)
     eval_time = time() - start
+    test_per_user = user_tokens(trainer.last_per_user, dataset, config)
     getLogger().info(set_color(f"test result of its {config['cf_model']}", "yellow") + f": {test_result}")
     return {
         "model": f"{config['cf_model']} (CF model of {config['model']})",
+        "seed": config["seed"],
         "best_valid_score": valid_score,
         "valid_metric": config["valid_metric"],
         "test_result": test_result,
+        "test_per_user": test_per_user,
         "cold_test_result": cold_test_result(config, trainer, test_data),
         "trainable_parameters": count_parameters(recommender)[1],  # frozen here, trained before
         "train_time": None,
@@ -134,36 +150,58 @@ def evaluate_collaborative_model(config, model, valid_data, test_data):
     }
 
 
-def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True, model_config_dicts=None):
-    """Run models on the same dataset, split and seed; print and write one comparison table, with the CF model
-    each LLM model is built on beside it. ``model_config_dicts`` ({model: dict}) adds settings of single models on
-    top of ``config_dict``."""
+def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, saved=True, model_config_dicts=None,
+                     seeds=None, references=None):
+    """Run models on the same dataset and split, once per seed of ``seeds`` (None: the config's seed); print and write
+    one comparison table, with the CF model each LLM model is built on beside it, and every row's paired difference
+    to the ``references`` (model names of ``models``; None: the first model). ``model_config_dicts`` ({model: dict})
+    adds settings of single models on top of ``config_dict``."""
     model_config_dicts = model_config_dicts or {}
+    references = check_references(models, references)
     results = []
-    for name in models:
-        model_config_dict = {**(config_dict or {}), **model_config_dicts.get(name, {})}
-        results.append(run_recbole_llm(name, dataset, config_file_list, model_config_dict, saved))
+    for seed in seeds or [None]:
+        for name in models:
+            model_config_dict = {**(config_dict or {}), **model_config_dicts.get(name, {})}
+            if seed is not None:
+                model_config_dict["seed"] = seed
+            results.append(run_recbole_llm(name, dataset, config_file_list, model_config_dict, saved))
     if (config_dict or {}).get("local_rank", 0) != 0:
         return results  # local rank 0 writes the table
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
     table_path = os.path.join(results[0]["checkpoint_dir"], f"comparison-{dataset}-{get_local_time()}")
-    markdown = write_comparison(with_companions(results), table_path)
+    footer = [f"Seeds: {', '.join(str(seed) for seed in dict.fromkeys(r['seed'] for r in results))}; "
+              f"{run_environment()}."]
+    markdown = write_comparison(with_companions(results), table_path, references,
+                                results[0]["comparison_settings"], footer)
     print(markdown)
-    print(f"comparison written to {table_path}.md and {table_path}.csv")
+    print(f"comparison written to {table_path}.md, {table_path}.csv and {table_path}-users.csv (every test user)")
     return results
 
 
+def check_references(models, references):
+    """The reference models of a comparison (default: its first model), refused before any training unless each is
+    one of the compared models."""
+    references = list(references or models[:1])
+    unknown = [reference for reference in references if reference not in models]
+    if unknown:
+        raise RecBoleLLMError(f"reference {', '.join(unknown)} is not among the compared models ({', '.join(models)}): "
+                              f"--reference names models of --model, e.g. --reference={models[0]}")
+    return references
+
+
 def run(models, dataset, config_file_list=None, config_dict=None, saved=True, nproc=1, world_size=-1, ip="localhost",
-        port="5678", group_offset=0):
+        port="5678", group_offset=0, seeds=None, references=None):
     """run_recbole_llms in this process, or, with nproc > 1 or world_size > 0, in nproc processes (RecBole's ``run``):
     one process per GPU of gpu_id (or on the CPU), ranks group_offset.. of a world_size-process group that meets at
     ip:port; a run over several machines calls this once on each. Returns the results of local rank 0."""
     if nproc == 1 and world_size <= 0:
-        return run_recbole_llms(models, dataset, config_file_list, config_dict, saved)
+        return run_recbole_llms(models, dataset, config_file_list, config_dict, saved, seeds=seeds,
+                                references=references)
+    check_references(models, references)  # before the processes start
     group = {"nproc": nproc, "world_size": world_size if world_size > 0 else nproc, "ip": ip, "port": port,
              "offset": group_offset}
     queue = mp.get_context("spawn").SimpleQueue()
-    args = (models, dataset, config_file_list, {**(config_dict or {}), **group}, saved, queue)
+    args = (models, dataset, config_file_list, {**(config_dict or {}), **group}, saved, queue, seeds, references)
     spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
     spawn_level = spawn_logger.level
     spawn_logger.setLevel(logging.ERROR)  # torch's note that it stops the other processes when one fails
@@ -182,10 +220,11 @@ def run(models, dataset, config_file_list=None, config_dict=None, saved=True, np
     return queue.get()
 
 
-def _run_process(local_rank, models, dataset, config_file_list, config_dict, saved, queue):
+def _run_process(local_rank, models, dataset, config_file_list, config_dict, saved, queue, seeds, references):
     """One process of a multi-process run (torch.multiprocessing.spawn gives it its local rank)."""
     try:
-        results = run_recbole_llms(models, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+        results = run_recbole_llms(models, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved,
+                                   seeds=seeds, references=references)
     except RecBoleLLMError as error:
         queue.put(error)
         raise

@@ -22,6 +22,7 @@ from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.distributed import DistributedTrainerMixin, LossModule, is_distributed
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
+from recbole_llm.per_user import PerUserMetricsMixin
 from recbole_llm.resume import last_checkpoint_path, random_state, read_resume_checkpoint, restore_random_state
 
 
@@ -234,9 +235,10 @@ class CandidateEvaluationMixin:
             self.validating = False
 
 
-class Trainer(CandidateEvaluationMixin, DistributedTrainerMixin, SafeCheckpointMixin, RecBoleTrainer):
-    """RecBole's Trainer with safe loading, working multi-process runs and the candidate protocol: the trainer of
-    RecBole's sequential baselines in this plugin."""
+class Trainer(CandidateEvaluationMixin, DistributedTrainerMixin, PerUserMetricsMixin, SafeCheckpointMixin,
+              RecBoleTrainer):
+    """RecBole's Trainer with safe loading, working multi-process runs, per-user metrics and the candidate protocol:
+    the trainer of RecBole's sequential baselines in this plugin."""
 
 
 class LLMTrainer(Trainer):

@@ -13,6 +13,7 @@ from recbole.utils import get_trainer as recbole_get_trainer
 from recbole_llm.distributed import DistributedTrainerMixin
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
+from recbole_llm.per_user import PerUserMetricsMixin
 from recbole_llm.trainer import CandidateEvaluationMixin, LLMTrainer, SafeCheckpointMixin, Trainer
 
 _PLUGIN_MODEL_KINDS = ["sequential_recommender"]
@@ -87,5 +88,7 @@ def _with_safe_loading(trainer_class):
     if issubclass(trainer_class, SafeCheckpointMixin):
         return trainer_class
     return type(
-        trainer_class.__name__, (CandidateEvaluationMixin, DistributedTrainerMixin, SafeCheckpointMixin, trainer_class), {}
+        trainer_class.__name__,
+        (CandidateEvaluationMixin, DistributedTrainerMixin, PerUserMetricsMixin, SafeCheckpointMixin, trainer_class),
+        {},
     )

@@ -362,7 +362,8 @@ def budgeted_run(model_name, dataset_name, config_dict, seconds):
     config = Config(model=model_name, dataset=dataset_name, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
-    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
     model = build_model(config, train_data._dataset)
     trainable, total = count_parameters(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
@@ -378,7 +379,7 @@ def budgeted_run(model_name, dataset_name, config_dict, seconds):
     print(f"{model_name}: {budget.samples:,} samples in {eval_start - train_start:.0f} s ({budget.stopped_by()}), "
           f"test {dict(test_result)}", flush=True)
     return {
-        "companions": [evaluate_collaborative_model(config, model, valid_data, test_data)]
+        "companions": [evaluate_collaborative_model(config, model, dataset, valid_data, test_data)]
         if hasattr(model, "cf_encoder") else [],
         "model": model_name, "best_valid_score": best_valid_score, "valid_metric": config["valid_metric"],
         "test_result": test_result, "trainable_parameters": trainable, "train_time": eval_start - train_start,

@@ -1,0 +1,147 @@
+"""Ablations: each model's switches, every setting over several seeds, decided on validation and reported on test with
+the paired interval of its difference to the model's default (and to Pop) on the same test users.
+
+    python -m benchmarks.ablations --profile=cpu [--models=Laser,RSLLM] [--out=benchmarks/results] [--key=value ...]
+
+The profile's `ablations` section names the seeds and, per model, its settings (row label -> settings on top of the
+defaults; the label `default` is the model as it ships). Each run (setting x seed) is kept under
+`<checkpoint_dir>/ablations-<profile>/` as it ends, so a stopped benchmark goes on where it stopped; `--models` runs
+some models only (two processes can share the work). Every call ends by writing ablations-<profile>.md and .csv from
+all the runs kept so far.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import run_script, write_page
+from benchmarks.settings import benchmark_settings, split_arguments
+from recbole_llm.comparison import markdown_table, reference_differences, write_csv
+from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.quick_start import run_recbole_llm
+from recbole_llm.trainer import cpu_computes_bf16
+
+DEFAULT = "default"
+FLOOR = "Pop"  # every setting is also compared with popularity, the floor
+METRICS = ("ndcg@10", "recall@10")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    own, _ = split_arguments(argv, own_keys=("profile", "out", "models"))
+    profile, out, stamp = benchmark_settings("ablations", [a for a in argv if not a.startswith("--models=")])
+    plan = ablation_plan(profile)
+    chosen = own["models"].split(",") if "models" in own else list(plan["models"])
+    runs_dir = Path(Config(model=FLOOR, dataset=profile.dataset, config_dict=profile.config)["checkpoint_dir"])
+    runs_dir = runs_dir / f"ablations-{profile.name}"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for seed in plan["seeds"]:  # seed by seed: an interrupted benchmark has every setting at its first seeds
+        for model in chosen:
+            for label, settings in plan["models"][model].items():
+                if settings.get("cpu_bf16") and not cpu_computes_bf16():
+                    print(f"ablations: {run_label(model, label)} skipped: this CPU has no bf16 matrix units")
+                    continue
+                path = runs_dir / f"{run_label(model, label)}-{seed}.json".replace(" ", "_").replace(":", "")
+                if not path.exists():
+                    config_dict = {**profile.config, "candidate_eval": False, **settings, "seed": seed}
+                    result = run_recbole_llm(model, profile.dataset, config_dict=config_dict)
+                    path.write_text(json.dumps(kept(result, model, label)))
+    write_ablation_page(profile, plan, runs_dir, out, stamp)
+
+
+def ablation_plan(profile):
+    """{"seeds": [...], "models": {model: {label: settings}}} from the profile's `ablations`, the floor included."""
+    section = profile.extra.get("ablations") or {}
+    seeds = section.get("seeds") or []
+    models = {model: settings for model, settings in section.items() if model != "seeds"}
+    if len(seeds) < 2 or not models:
+        raise RecBoleLLMError(f"profile {profile.name} has no ablations with seeds (at least 2) and models: see "
+                              f"benchmarks/profiles/cpu.yaml")
+    models.setdefault(FLOOR, {DEFAULT: {}})
+    return {"seeds": seeds, "models": {model: {label: s or {} for label, s in runs.items()}
+                                       for model, runs in models.items()}}
+
+
+def run_label(model, label):
+    return model if label == DEFAULT else f"{model} ({label})"
+
+
+def kept(result, model, label):
+    """What the page needs of one run: its scores and its test users' metrics."""
+    per_user = result["test_per_user"]
+    return {
+        "model": run_label(model, label), "base": model, "setting": label, "seed": result["seed"],
+        "best_valid_score": result["best_valid_score"], "test_result": dict(result["test_result"]),
+        "test_per_user": {"user_id": [str(u) for u in per_user["user_id"]],
+                          **{metric: per_user[metric].tolist() for metric in METRICS}},
+        "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
+    }
+
+
+def read_runs(runs_dir):
+    runs = []
+    for path in sorted(runs_dir.glob("*.json")):
+        run = json.loads(path.read_text())
+        run["test_per_user"] = {key: np.asarray(values) for key, values in run["test_per_user"].items()}
+        runs.append(run)
+    return runs
+
+
+def write_ablation_page(profile, plan, runs_dir, out, stamp):
+    runs = read_runs(runs_dir)
+    if not runs:
+        return
+    settings = {**runs[0]["comparison_settings"], "significance_metrics": ["ndcg@10"]}
+    alpha = settings["significance_level"]
+    rows = []
+    for model, labels in plan["models"].items():
+        family = [run for run in runs if run["base"] == model]
+        floor = [run for run in runs if run["base"] == FLOOR]
+        seeds_of = {label: sorted(run["seed"] for run in family if run["setting"] == label) for label in labels}
+        complete = [label for label in labels if seeds_of[label]]
+        # a paired comparison over the seeds both sides ran: users' metrics averaged over the same seeds
+        common = sorted(set.intersection(*(set(seeds_of[label]) for label in complete))) if complete else []
+        same_seeds = [run for run in family + floor if run["seed"] in common]
+        to_default = reference_differences(same_seeds, [model], settings)[("ndcg@10", model)] \
+            if model != FLOOR and DEFAULT in complete else {}
+        to_floor = reference_differences(same_seeds, [FLOOR], settings)[("ndcg@10", FLOOR)] if floor else {}
+        for label in complete:
+            label_runs = [run for run in family if run["setting"] == label]
+            valid = [run["best_valid_score"] for run in label_runs]
+            test = [run["test_result"]["ndcg@10"] for run in label_runs]
+            name = run_label(model, label)
+            rows.append({
+                "model": model, "setting": label, "seeds": ",".join(map(str, seeds_of[label])),
+                "valid NDCG@10": mean_std(valid), "test NDCG@10": mean_std(test),
+                "Δ test NDCG@10 vs default": to_default[name].text(alpha) if name in to_default else "-",
+                "Δ test NDCG@10 vs Pop": to_floor[name].text(alpha) if name in to_floor else "-",
+                "p vs default (Holm)": to_default[name].p_holm if name in to_default else None,
+                "valid mean": float(np.mean(valid)), "test mean": float(np.mean(test)),
+                "train (s)": float(np.mean([run["train_time"] for run in label_runs])),
+                "paired over seeds": ",".join(map(str, common)),
+            })
+    out.mkdir(parents=True, exist_ok=True)
+    stem = str(out / f"ablations-{profile.name}")
+    write_csv(stem, rows)
+    columns = {key: key for key in ("model", "setting", "seeds", "valid NDCG@10", "test NDCG@10",
+                                    "Δ test NDCG@10 vs default", "Δ test NDCG@10 vs Pop", "train (s)")}
+    note = (f"valid and test: mean ± std over the seeds. Δ: the setting minus the model's default (or Pop) on the "
+            f"same test users, each user's NDCG@10 averaged over the seeds both ran first; the mean and its "
+            f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
+            f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
+            f"Holm's correction over the model's settings.")
+    title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
+            f"profile {profile.name}"
+    write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)
+    print(f"written: {stem}.md, .csv ({len(runs)} runs)")
+
+
+def mean_std(values):
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+if __name__ == "__main__":
+    run_script(main, "ablations")
