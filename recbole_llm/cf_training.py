@@ -83,12 +83,15 @@ def train_into_cache(cf_config, dataset, path):
     model = CF_MODELS[model_name](cf_config, train_data._dataset).to(cf_config["device"])
     trainer = get_trainer(cf_config["MODEL_TYPE"], model_name)(cf_config, model)
     trainer.saved_model_file = f"{path}.{os.getpid()}.partial"  # a crash mid-training leaves no cache file behind
-    trainer.fit(train_data, valid_data, saved=True, show_progress=cf_config["show_progress"])
-    checkpoint = load_checkpoint(trainer.saved_model_file)
-    checkpoint["item_id_fingerprint"] = item_id_fingerprint(dataset)
-    save_checkpoint_atomically(checkpoint, path)
-    os.remove(trainer.saved_model_file)
-    os.remove(trainer.last_checkpoint_file)  # its resume point: the cache is written only by a finished training
+    try:
+        trainer.fit(train_data, valid_data, saved=True, show_progress=cf_config["show_progress"])
+        checkpoint = load_checkpoint(trainer.saved_model_file)
+        checkpoint["item_id_fingerprint"] = item_id_fingerprint(dataset)
+        save_checkpoint_atomically(checkpoint, path)
+    finally:  # the partial files (the best so far and its resume point) go, whether training ended or failed
+        for partial in (trainer.saved_model_file, trainer.last_checkpoint_file):
+            if partial and os.path.isfile(partial):
+                os.remove(partial)
     getLogger().info(f"collaborative model: trained {model_name}, saved to {path}")
 
 

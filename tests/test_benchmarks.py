@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from benchmarks import cold, cost, curves, quality
+import re
+
+from benchmarks import ablations, cold, cost, curves, quality
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import TESTS_DIR, module_workdir
@@ -25,7 +27,14 @@ def out(tmp_path_factory):
         cost.main(arguments)
         curves.main(arguments)
         cold.main(arguments)
+        ablations.main([*arguments, f"--checkpoint_dir={workdir / 'saved'}"])
         yield workdir / "results"
+
+
+@pytest.fixture(scope="module")
+def ablation_arguments(out):
+    return ["--profile=smoke", f"--out={out}", f"--data_path={TESTS_DIR}/data",
+            f"--checkpoint_dir={out.parent / 'saved'}"]
 
 
 def read_rows(path):
@@ -134,3 +143,24 @@ def test_readme_shows_the_committed_results():
 def test_unknown_profile_is_a_one_line_error():
     with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-long, gpu, smoke"):
         quality.main(["--profile=nope"])
+
+
+def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(out):
+    rows = read_rows(out / "ablations-smoke.csv")
+    assert [(row["model"], row["setting"]) for row in rows] == [
+        ("Laser", "default"), ("Laser", "deep_prefix: False"), ("Pop", "default")]
+    assert all(row["seeds"] == row["paired over seeds"] == "2020,2021" for row in rows)
+    interval = r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( \*)?"
+    assert re.fullmatch(interval, rows[1]["Δ test NDCG@10 vs default"])
+    assert re.fullmatch(interval, rows[0]["Δ test NDCG@10 vs Pop"]) and rows[2]["Δ test NDCG@10 vs Pop"] == "-"
+    assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["valid NDCG@10"])
+    page = out.joinpath("ablations-smoke.md").read_text()
+    assert "| Laser | deep_prefix: False | 2020,2021 |" in page and "Holm" in page and "**Machine**" in page
+
+
+def test_ablations_go_on_from_the_runs_they_kept(ablation_arguments, monkeypatch):
+    page = ablation_arguments[1].removeprefix("--out=") + "/ablations-smoke.md"
+    before = open(page).read().split("**Settings**")[1]
+    monkeypatch.setattr(ablations, "run_recbole_llm", lambda *a, **k: pytest.fail("a kept run ran again"))
+    ablations.main(ablation_arguments)
+    assert open(page).read().split("**Settings**")[1] == before

@@ -52,6 +52,10 @@ def test_two_processes_give_the_metrics_of_one_process_on_the_same_checkpoint(tw
 
     test_result = trainer.evaluate(test_data, load_best_model=False)
     assert test_result == pytest.approx(result["test_result"], abs=1e-6)
+    # each test user once, with the metrics one process gives that user
+    per_user = result["test_per_user"]
+    assert len(set(per_user["user_id"])) == len(per_user["user_id"]) == 271
+    assert per_user["ndcg@10"] == pytest.approx(trainer.last_per_user["ndcg@10"], abs=1e-6)
     assert set(test_result) >= {"ndcg@10", *(["hr@1_candidates", "valid_ratio"] if model_name == "RSLLM" else [])}
     # The saved weights are rank 0's, the validation result both processes' weights: equal when gradients were synced.
     valid_result = trainer.evaluate(valid_data, load_best_model=False)
@@ -111,5 +115,5 @@ def test_cli_passes_recboles_multi_process_arguments(monkeypatch):
         "--group_offset=2",
     ])
     run_recbole_llm.main()
-    group = dict(nproc=2, world_size=4, ip="10.0.0.1", port="29500", group_offset=2)
+    group = dict(nproc=2, world_size=4, ip="10.0.0.1", port="29500", group_offset=2, seeds=None, references=None)
     assert calls == [((["SASRec", "Laser"], "ml-100k", None), group)]

@@ -265,24 +265,54 @@ def _one_line_errors(llm_path: str):
 
 
 def _load_model_and_tokenizer(llm_path: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):
+    kind, source = _llm_source(llm_path)
+    if kind == "random":
+        return _build_random(source, device, dtype, device_map)
+    if kind == "gguf":
+        return _load_gguf(source, device, dtype, device_map)
+    if kind == "directory":
+        return _load_hf(str(source), llm_path, device, dtype, device_map)
+    return _load_hf(source, llm_path, device, dtype, device_map, local_files_only=_hub_cache_only(source))
+
+
+def check_llm_path(llm_path: str) -> None:
+    """What loading `llm_path` would check, without its weights: that it names a model, that a model directory holds
+    a decoder-only causal LM (its config read) and a tokenizer (read too), that a GGUF file can be read. A one-line
+    error otherwise, in seconds, before the CF model trains or anything is written."""
+    with _one_line_errors(llm_path):
+        kind, source = _llm_source(llm_path)
+        if kind == "random":
+            _smollm2_gguf()  # their tokenizer
+        elif kind == "gguf" and importlib.util.find_spec("gguf") is None:
+            raise RecBoleLLMError(f"loading '{source}' needs the gguf package: pip install gguf")
+        elif kind == "directory":
+            _check_causal_lm(AutoConfig.from_pretrained(source), llm_path)
+            AutoTokenizer.from_pretrained(source)
+        elif kind == "hub":
+            _hub_cache_only(source)
+
+
+def _llm_source(llm_path: str) -> tuple[str, str | Path]:
+    """What `llm_path` names: ("random", alias), ("gguf", file), ("directory", path) or ("hub", id); a one-line
+    error where it names nothing that could load."""
     if llm_path in RANDOM_CONFIGS:
-        return _build_random(llm_path, device, dtype, device_map)
+        return "random", llm_path
     if llm_path == SMOLLM2_ALIAS:
-        return _load_gguf(_smollm2_gguf(), device, dtype, device_map)
+        return "gguf", _smollm2_gguf()
     path = Path(llm_path).expanduser()
     if path.is_dir():
         _check_hf_directory(path, llm_path)
-        return _load_hf(str(path), llm_path, device, dtype, device_map)
+        return "directory", path
     if path.is_file():
         if path.suffix != ".gguf":
             raise RecBoleLLMError(
                 f"llm_path '{llm_path}' is a file but not a .gguf file: pass a .gguf file or a model directory"
             )
-        return _load_gguf(path, device, dtype, device_map)
+        return "gguf", path
     if llm_path.startswith(("/", ".", "~")) or llm_path.endswith(".gguf"):
         raise RecBoleLLMError(f"llm_path '{llm_path}' does not exist")
     if "/" in llm_path:
-        return _load_hf(llm_path, llm_path, device, dtype, device_map, local_files_only=_hub_cache_only(llm_path))
+        return "hub", llm_path
     raise RecBoleLLMError(
         f"llm_path '{llm_path}' is not a known alias ({', '.join(KNOWN_ALIASES)}), "
         "a local directory, a .gguf file or a hub id (org/name)"
@@ -416,6 +446,12 @@ def _load_hf(
     local_files_only: bool = False,
 ):
     config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    _check_causal_lm(config, llm_path)
+    model = _from_pretrained(source, device, dtype, device_map, config=config, local_files_only=local_files_only)
+    return model, AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+
+
+def _check_causal_lm(config: transformers.PretrainedConfig, llm_path: str) -> None:
     # BERT-like encoders also register a causal-LM head in transformers, but they are no LLMs
     is_decoder_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if not is_decoder_lm or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
@@ -423,8 +459,6 @@ def _load_hf(
             f"llm_path '{llm_path}' holds a '{config.model_type}' model, which is not a decoder-only causal LM: "
             "expected one such as Llama, Qwen2, Mistral or GPT-2"
         )
-    model = _from_pretrained(source, device, dtype, device_map, config=config, local_files_only=local_files_only)
-    return model, AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
 
 
 def _hub_cache_only(hub_id: str) -> bool:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
 from recbole_llm.errors import RecBoleLLMError, is_int, require
+from recbole_llm.llm.backbone import check_llm_path
 from recbole_llm.llm.item_text import check_item_text_settings, template_fields
 from recbole_llm.model.collaborative import check_cf_model
 
@@ -77,6 +78,7 @@ class LLMSequentialRecommender(SequentialRecommender):
         require(config, "prompt_item_marker", isinstance(marker, str) and template_fields(marker) == ["index"],
                 "it must hold {index} once and no other placeholder, to number the items: e.g. ' >> {index}.'")
         check_item_text_settings(config, dataset)
+        check_llm_path(config["llm_path"])  # a mistyped path fails here, not after the CF model trained
         if cls.reads_cf_model(config):
             check_cf_model(config)
             require(config, "cf_config", isinstance(config["cf_config"], dict), "it must be a dict of settings")
