@@ -4,22 +4,25 @@ the paired interval of its difference to the model's default (and to Pop) on the
     python -m benchmarks.ablations --profile=cpu [--models=Laser,RSLLM] [--out=benchmarks/results] [--key=value ...]
 
 The profile's `ablations` section names the seeds and, per model, its settings (row label -> settings on top of the
-defaults; the label `default` is the model as it ships). Each run (setting x seed) is kept under
-`<checkpoint_dir>/ablations-<profile>/` as it ends, so a stopped benchmark goes on where it stopped; `--models` runs
-some models only (two processes can share the work). Every call ends by writing ablations-<profile>.md and .csv from
-all the runs kept so far.
+defaults; the label `default` is the model as it ships), in the order they run: setting by setting, each over all
+seeds. Each run (setting x seed) is kept as it ends in `<out>/ablations-<profile>-runs/` (its scores, its test users'
+metrics and the machine it ran on: small, committed beside the page), so a stopped benchmark goes on where it
+stopped, in a later session too; two processes share the work (each claims a run before it starts it), and
+`--models` runs some models only. Every call ends by writing ablations-<profile>.md and .csv from all the runs kept
+so far.
 """
 
 import json
+import os
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 
 import numpy as np
 
 from benchmarks.report import run_script, write_page
 from benchmarks.settings import benchmark_settings, split_arguments
 from recbole_llm.comparison import markdown_table, reference_differences, write_csv
-from recbole_llm.config import Config
+from recbole_llm.environment import run_environment
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.trainer import cpu_computes_bf16
@@ -35,21 +38,44 @@ def main(argv=None):
     profile, out, stamp = benchmark_settings("ablations", [a for a in argv if not a.startswith("--models=")])
     plan = ablation_plan(profile)
     chosen = own["models"].split(",") if "models" in own else list(plan["models"])
-    runs_dir = Path(Config(model=FLOOR, dataset=profile.dataset, config_dict=profile.config)["checkpoint_dir"])
-    runs_dir = runs_dir / f"ablations-{profile.name}"
+    runs_dir = out / f"ablations-{profile.name}-runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    for seed in plan["seeds"]:  # seed by seed: an interrupted benchmark has every setting at its first seeds
-        for model in chosen:
-            for label, settings in plan["models"][model].items():
-                if settings.get("cpu_bf16") and not cpu_computes_bf16():
-                    print(f"ablations: {run_label(model, label)} skipped: this CPU has no bf16 matrix units")
-                    continue
+    for model in chosen:  # setting by setting, in the profile's order: the first ones get all their seeds first
+        for label, settings in plan["models"][model].items():
+            if settings.get("cpu_bf16") and not cpu_computes_bf16():
+                print(f"ablations: {run_label(model, label)} skipped: this CPU has no bf16 matrix units")
+                continue
+            for seed in plan["seeds"]:
                 path = runs_dir / f"{run_label(model, label)}-{seed}.json".replace(" ", "_").replace(":", "")
-                if not path.exists():
-                    config_dict = {**profile.config, "candidate_eval": False, **settings, "seed": seed}
-                    result = run_recbole_llm(model, profile.dataset, config_dict=config_dict)
-                    path.write_text(json.dumps(kept(result, model, label)))
+                with claimed(path) as mine:
+                    if mine:
+                        config_dict = {**profile.config, "candidate_eval": False, **settings, "seed": seed}
+                        result = run_recbole_llm(model, profile.dataset, config_dict=config_dict)
+                        path.write_text(json.dumps(kept(result, model, label)))
     write_ablation_page(profile, plan, runs_dir, out, stamp)
+
+
+@contextmanager
+def claimed(path):
+    """Whether this process runs the run kept at `path`: not when it is kept already or another live process
+    claimed it (two processes can share a benchmark's runs)."""
+    claim = path.with_suffix(".running")
+    if path.exists() or (claim.exists() and process_alive(int(claim.read_text() or 0))):
+        yield False
+        return
+    claim.write_text(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
 
 
 def ablation_plan(profile):
@@ -78,6 +104,7 @@ def kept(result, model, label):
         "test_per_user": {"user_id": [str(u) for u in per_user["user_id"]],
                           **{metric: per_user[metric].tolist() for metric in METRICS}},
         "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
+        "environment": run_environment(),
     }
 
 
@@ -132,7 +159,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"same test users, each user's NDCG@10 averaged over the seeds both ran first; the mean and its "
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
-            f"Holm's correction over the model's settings.")
+            f"Holm's correction over the model's settings. Runs on: "
+            f"{'; '.join(sorted({run.get('environment', 'an unrecorded machine') for run in runs}))}.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)

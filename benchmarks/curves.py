@@ -12,24 +12,24 @@ validation) and .png (the curves against samples and against minutes).
 import sys
 from time import time
 
-from benchmarks.quality import COLUMNS, gpu_name
+from benchmarks.quality import COLUMNS, compared_rows, gpu_name, with_differences
 from benchmarks.report import run_script, saved_figure, write_page
 from benchmarks.settings import benchmark_settings
-from recbole_llm.comparison import comparison_rows, markdown_table, with_companions, write_csv
+from recbole_llm.comparison import markdown_table, table_note, with_companions, write_csv
 from recbole_llm.config import Config
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.utils import get_model
 
-CURVE_COLUMNS = {"model": "model", "validation": "validation", "samples": "samples seen", "minutes": "minutes",
+CURVE_COLUMNS = {"model": "model", "seed": "seed", "validation": "validation", "samples": "samples seen", "minutes": "minutes",
                  "valid ndcg@10": "valid NDCG@10"}
 
 
 class Curve:
     """A callback_fn for Trainer.fit: one point per validation (samples seen, minutes since the run started)."""
 
-    def __init__(self, model, samples_per_epoch):
-        self.model, self.samples_per_epoch = model, samples_per_epoch
+    def __init__(self, model, samples_per_epoch, seed):
+        self.model, self.samples_per_epoch, self.seed = model, samples_per_epoch, seed
         self.points = []
         self.start = time()
 
@@ -37,6 +37,7 @@ class Curve:
         validation = len(self.points) + 1
         self.points.append({
             "model": self.model,
+            "seed": self.seed,
             "validation": validation,
             "samples": validation * self.samples_per_epoch,
             "minutes": (time() - self.start) / 60,
@@ -54,15 +55,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile, out, stamp = benchmark_settings("curves", argv)
     curves, results = {}, []
-    for model, settings in profile.quality.items():  # one after the other: each curve's clock starts with its run
-        config_dict = profile.run_config(settings)
-        if issubclass(get_model(model), LLMSequentialRecommender):
-            curves[model] = Curve(model, samples_per_epoch(model, profile.dataset, config_dict))
-        results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=curves.get(model)))
-    rows = comparison_rows(with_companions(results))
+    for seed in profile.seeds or [profile.config.get("seed", 2020)]:
+        for model, settings in profile.quality.items():  # one after the other: each curve's clock starts with its run
+            config_dict = {**profile.run_config(settings), "seed": seed}
+            callback = None
+            if issubclass(get_model(model), LLMSequentialRecommender):
+                callback = curves[(model, seed)] = Curve(model, samples_per_epoch(model, profile.dataset, config_dict),
+                                                         seed)
+            results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=callback))
+    rows, shown = compared_rows(with_companions(results), profile)
     points = [point for curve in curves.values() for point in curve.points]
     best_valid = f"best valid {results[0]['valid_metric']}"  # NDCG@10 in every profile
-    lines = {row["model"]: row[best_valid] for row in rows if row["model"] not in curves}
+    llm_models = {model for model, _ in curves}
+    lines = {row["model"]: row[best_valid] for row in rows if row["model"] not in llm_models}
 
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"curves-{profile.name}")
@@ -71,7 +76,7 @@ def main(argv=None):
         for axis, x, label in ((axes[0], "samples", "training samples seen"), (axes[1], "minutes", "minutes")):
             for curve in curves.values():
                 axis.plot([p[x] for p in curve.points], [p["valid ndcg@10"] for p in curve.points], marker="o",
-                          markersize=3, label=curve.model)
+                          markersize=3, label=f"{curve.model} (seed {curve.seed})")
             for index, (model, score) in enumerate(lines.items()):
                 axis.axhline(score, color=f"C{index + len(curves)}", linestyle="--", label=f"{model} (best)")
             axis.set_xlabel(label)
@@ -79,7 +84,8 @@ def main(argv=None):
         axes[0].legend(fontsize=8)
     title = f"Learning curves: {profile.dataset}, validation NDCG@10, profile {profile.name}"
     write_page(stem, title, stamp, [
-        ("Test split", markdown_table(rows, {**COLUMNS, best_valid: best_valid})),
+        ("Test split", markdown_table(shown, with_differences({**COLUMNS, best_valid: best_valid}, rows)) + "\n\n"
+         + table_note(results, results[0]["comparison_settings"])),
         ("Validation after every epoch", markdown_table(points, CURVE_COLUMNS)),
     ], gpu_name=gpu_name())
     print(f"written: {stem}.md, .csv, .png")

@@ -11,7 +11,7 @@ import sys
 
 from benchmarks.report import run_script, saved_figure, write_page
 from benchmarks.settings import benchmark_settings
-from recbole_llm.comparison import comparison_rows, markdown_table, with_companions, write_csv
+from recbole_llm.comparison import CSV_ONLY, comparison_table, markdown_table, shown_rows, table_note, with_companions, write_csv
 from recbole_llm.quick_start import run_recbole_llms
 
 COLUMNS = {  # comparison-row key -> heading; HR@1 and ValidRatio: LLaRA's candidate protocol (candidate_eval)
@@ -36,12 +36,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile, out, stamp = benchmark_settings("quality", argv)
     results = run_recbole_llms(
-        list(profile.quality), profile.dataset, config_dict=profile.config, model_config_dicts=profile.quality
+        list(profile.quality), profile.dataset, config_dict=profile.config, model_config_dicts=profile.quality,
+        seeds=profile.seeds, references=profile.comparison_references(),
     )
-    rows = comparison_rows(with_companions(results))
-    for row in rows:  # comparison_rows writes times as text, for the comparison table
-        row.update({key: float(row[key]) for key in ("train time (s)", "eval time (s)") if row[key] is not None})
-
+    rows, shown = compared_rows(with_companions(results), profile)
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"quality-{profile.name}")
     write_csv(stem, rows)
@@ -50,9 +48,25 @@ def main(argv=None):
             axis.barh([row["model"] for row in rows][::-1], [row[key] for row in rows][::-1], color="tab:blue")
             axis.set_xlabel(label)
     title = f"Quality: {profile.dataset}, full ranking over all items, profile {profile.name}"
-    write_page(stem, title, stamp, [("Test split", markdown_table(rows, COLUMNS))], gpu_name=gpu_name())
+    write_page(stem, title, stamp, [("Test split", markdown_table(shown, with_differences(COLUMNS, rows)) + "\n\n"
+                                      + table_note(results, results[0]["comparison_settings"]))], gpu_name=gpu_name())
     print(f"written: {stem}.md, .csv, .png")
     return rows
+
+
+def compared_rows(results, profile):
+    """The rows of a benchmark's table (one per model, over its seeds, with the Δ columns against the profile's
+    references; times as numbers), and the same rows as Markdown shows them (mean ± std over several seeds)."""
+    rows, seed_rows = comparison_table(results, profile.comparison_references(), results[0]["comparison_settings"])
+    for row in rows:  # comparison_rows writes times as text, for the comparison table
+        row.update({key: float(row[key]) for key in ("train time (s)", "eval time (s)") if row.get(key) is not None})
+    return rows, shown_rows(rows, seed_rows)
+
+
+def with_differences(columns, rows):
+    """columns with the rows' Δ columns after the model."""
+    deltas = {key: key for key in rows[0] if key.startswith("Δ ") and not key.endswith(CSV_ONLY)}
+    return {"model": columns["model"], **deltas, **{k: v for k, v in columns.items() if k != "model"}}
 
 
 def gpu_name():

@@ -3,7 +3,7 @@ settings and which runs it measures, and its command line.
 
 A profile holds ``dataset``; ``config``, the settings of every run (on top of properties/; ``--key=value`` on the
 command line goes on top of it); ``quality``, model -> its own settings (the quality and curves benchmarks run
-these); for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
+these, once per seed of ``seeds`` when set, each row compared with ``references``: by default Pop); for the cost benchmark ``cost``, row label -> its own settings (``model:`` names the model when the label
 is not a model name), and ``cost_steps``, how much it measures per row; for the cold-start benchmark ``cold``, row
 label -> its own settings, as ``cost``; for the ablation benchmark ``ablations``, its seeds and, per model, setting
 label -> settings.
@@ -19,7 +19,7 @@ from recbole_llm.errors import RecBoleLLMError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 COST_STEPS = ("train", "profiled", "eval")
-PROFILE_KEYS = ("dataset", "config", "quality", "cost", "cost_steps", "cold")
+PROFILE_KEYS = ("dataset", "config", "quality", "cost", "cost_steps", "cold", "seeds", "references")
 
 
 @dataclass
@@ -33,6 +33,11 @@ class Profile:
     cost_steps: dict  # train, profiled, eval -> count
     cold: dict = field(default_factory=dict)  # row label -> settings, `model` among them
     extra: dict = field(default_factory=dict)  # the file's other sections (e.g. `ablations`), as written
+    seeds: list = None  # quality and curves run every model once per seed (None: the config's seed)
+    references: list = None  # the rows every other is compared with (None: Pop where it runs, else the first)
+
+    def comparison_references(self):
+        return self.references or (["Pop"] if "Pop" in self.quality else list(self.quality)[:1])
 
     def run_config(self, settings):
         """The config dict of one run: the profile's config, then the run's own settings."""
@@ -71,6 +76,8 @@ def load_profile(name_or_path, overrides=None):
         cost_steps=steps,
         cold=cold,
         extra={key: value for key, value in content.items() if key not in PROFILE_KEYS},
+        seeds=content.get("seeds"),
+        references=content.get("references"),
     )
 
 

@@ -33,7 +33,8 @@ def answers_candidates(model):
 
 def evaluate_candidates(model, eval_data, config):
     """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with the seed (all of them
-    when None), each with n_candidates candidates drawn with the seed."""
+    when None), each with n_candidates candidates drawn with the seed; and HR@1 and NDCG@5 of the candidates as the
+    model ranks them (candidate_rankings), an answer that is never invalid."""
     interactions = cat_interactions([interaction for interaction, *_ in eval_data])
     if is_distributed(config):  # every process draws from all users, as one process does
         fields = sorted(interactions.interaction)  # one order in every process (RecBole keeps the fields in a set)
@@ -47,16 +48,22 @@ def evaluate_candidates(model, eval_data, config):
         interactions[dataset.item_id_list_field].cpu(), interactions[dataset.iid_field].cpu(), dataset.item_num,
         config["n_candidates"], generator,
     )  # [n, C], [n]
-    named, answers, answered = [], [], process_share(len(users), config)  # each process answers its share of users
+    named, answers, rankings, answered = [], [], [], process_share(len(users), config)  # each process: its share
     for rows in answered.split(config["eval_batch_size"]):
-        batch_named, batch_answers = picked_candidates(model, interactions[rows].to(model.device), candidates[rows])
+        batch = interactions[rows].to(model.device)
+        rankings.append(candidate_rankings(model, batch, candidates[rows]))
+        batch_named, batch_answers = picked_candidates(model, batch, candidates[rows], rankings[-1])
         named.append(batch_named)
         answers += batch_answers
     named = torch.cat(named)
+    rankings = {name: torch.cat([ranking[name] for ranking in rankings]) for name in rankings[0]}
     if is_distributed(config):
-        named = gather_in_sample_order(answered, [named])[0]
+        named, *ranked = gather_in_sample_order(answered, [named, *rankings.values()])
+        rankings = dict(zip(rankings, ranked))
         answers = gather_in_sample_order(answered, [answers])[0] if answers_candidates(model) else answers
     metrics = candidate_metrics(named, target_index)
+    for name, scores in rankings.items():
+        metrics.update(ranking_metrics(scores, target_index, name))
     example = f"; e.g. answer {answers[0]!r}" if answers else ""
     getLogger().info(
         set_color("candidate evaluation", "blue") + f" ({len(users)} users, {config['n_candidates']} candidates, "
@@ -75,18 +82,16 @@ def sequential_test_data(config):
 
 
 @torch.no_grad()
-def picked_candidates(model, interaction, candidates):
+def picked_candidates(model, interaction, candidates, rankings):
     """Which candidate [B, C] (on the CPU) the model picks for each user of interaction, and its answers (strings;
-    none for a model that picks by its scores)."""
+    none for a model that picks its best-ranked candidate, by candidate_rankings' scores)."""
     if answers_candidates(model):
         answers = model.answer_candidates(
             interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
         )
         candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
         return named_candidates(answers, candidate_names), answers
-    with torch.autocast(model.device.type, enabled=False):
-        scores = model.full_sort_predict(interaction).float().reshape(len(candidates), -1).cpu()  # [B, n_items]
-    best = scores.gather(1, candidates).argmax(1)  # [B]
+    best = rankings["scores"].argmax(1)  # [B]
     return F.one_hot(best, candidates.shape[1]).bool(), []
 
 
@@ -101,6 +106,29 @@ def named_candidates(answers, candidate_names):
         longest = max(range(len(names)), key=lengths.__getitem__)
         named[row, longest] = lengths[longest] > 0
     return named
+
+
+@torch.no_grad()
+def candidate_rankings(model, interaction, candidates):
+    """How the model ranks each user's candidates [B, C] (on the CPU), by name: a model that writes answers by the
+    log-likelihood of each candidate's title as its answer, per token ("likelihood") and in all ("likelihood_sum");
+    any other model by its scores ("scores")."""
+    if answers_candidates(model):
+        sums, lengths = model.candidate_log_likelihoods(
+            interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
+        )
+        return {"likelihood": (sums / lengths).cpu(), "likelihood_sum": sums.cpu()}
+    with torch.autocast(model.device.type, enabled=False):
+        scores = model.full_sort_predict(interaction).float().reshape(len(candidates), -1).cpu()  # [B, n_items]
+    return {"scores": scores.gather(1, candidates)}
+
+
+def ranking_metrics(scores, target_index, name):
+    """HR@1 and NDCG@5 of the target among the candidates ranked by scores [N, C] (ties: the first listed first)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)  # [N, C]
+    rank = (order == target_index[:, None]).int().argmax(1)  # [N] 0 = ranked first
+    ndcg = torch.where(rank < 5, 1 / torch.log2(rank.double() + 2), torch.zeros_like(rank, dtype=torch.double))
+    return {f"hr@1_{name}": int((rank == 0).sum()) / len(rank), f"ndcg@5_{name}": float(ndcg.mean())}
 
 
 def candidate_metrics(named, target_index):

@@ -17,7 +17,8 @@ from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.statistics import paired_difference, with_holm
 
 COLD_METRICS = ("ndcg@10", "recall@10")
-SPREAD_KEYS = ("test ", "best valid ", "cold ")  # the numbers whose spread over seeds the table shows
+SPREAD_KEYS = ("test ", "best valid ", "cold ")
+CSV_ONLY = (" std", " low", " high", " p", " p (Holm)")  # the details of a row that only its CSV shows  # the numbers whose spread over seeds the table shows
 # the settings (properties/overall.yaml) of the comparison's differences to its reference models
 SIGNIFICANCE_SETTINGS = ("significance_metrics", "significance_test", "significance_level", "bootstrap_resamples")  # of the test users whose target is a cold item (cold_item_ratio)
 
@@ -51,37 +52,51 @@ def write_comparison(results, path_stem, references, settings, footer=()):
     """Write ``<path_stem>.md``, ``.csv`` and ``-users.csv`` for results (run_recbole_llm's, companions included, every
     seed's); references: the row labels the differences are taken against; settings: significance_metrics,
     significance_test, significance_level, bootstrap_resamples. Returns the Markdown."""
-    metrics = settings["significance_metrics"]
+    rows, seed_rows = comparison_table(results, references, settings)
+    markdown = markdown_table(shown_rows(rows, seed_rows), shown_columns(rows))
+    markdown += "\n\n" + "\n".join([table_note(results, settings), *footer])
+    with open(path_stem + ".md", "w") as f:
+        f.write(markdown + "\n")
+    write_csv(path_stem, rows + (seed_rows if len(rows) < len(seed_rows) else []))
+    write_user_metrics(f"{path_stem}-users", results, settings["significance_metrics"])
+    return markdown
+
+
+def comparison_table(results, references, settings):
+    """The table's rows (one per model, over its seeds, with the Δ columns: the text, and its interval's ends and
+    p-values for the CSV) and every seed's own row."""
     seed_rows = comparison_rows(results)
     rows = over_seeds(seed_rows)
-    alpha = settings["significance_level"]
     for (metric, reference), family in reference_differences(results, references, settings).items():
         for row in rows:
             difference = family.get(row["model"])
             key = difference_column(metric, reference)
-            row[key] = difference.text(alpha) if difference else "reference" if row["model"] == reference else None
+            row[key] = difference.text(settings["significance_level"]) if difference else \
+                "reference" if row["model"] == reference else None
             if difference:
                 row.update({f"{key} low": difference.low, f"{key} high": difference.high,
                             f"{key} p": difference.p_value, f"{key} p (Holm)": difference.p_holm})
-    shown = [key for key in all_keys(rows) if not key.endswith((" std", " low", " high", " p", " p (Holm)"))]
-    shown.remove("model")
+    return rows, seed_rows
+
+
+def shown_columns(rows):
+    """Markdown's columns: the model, its Δ columns, then every other key but the CSV's details."""
+    shown = [key for key in all_keys(rows) if key != "model" and not key.endswith(CSV_ONLY)]
     deltas = [key for key in shown if key.startswith("Δ ")]
-    columns = {key: key for key in ["model", *deltas, *(key for key in shown if key not in deltas)]}
-    several_seeds = len(rows) < len(seed_rows)
-    notes = [
-        f"Δ: the row minus the reference on the same {users_count(results)} test users (each user's metric averaged "
-        f"over the seeds), the mean and its {1 - alpha:.0%} interval from a paired bootstrap over users "
-        f"({settings['bootstrap_resamples']} resamples); * where the paired {settings['significance_test']} test "
-        f"is significant at {alpha} after Holm's correction over the table's rows.",
-        *footer,
-    ]
-    markdown = markdown_table([with_spread(row) for row in rows] if several_seeds else rows, columns)
-    markdown += "\n\n" + "\n".join(notes)
-    with open(path_stem + ".md", "w") as f:
-        f.write(markdown + "\n")
-    write_csv(path_stem, rows + (seed_rows if several_seeds else []))
-    write_user_metrics(f"{path_stem}-users", results, metrics)
-    return markdown
+    return {key: key for key in ["model", *deltas, *(key for key in shown if key not in deltas)]}
+
+
+def shown_rows(rows, seed_rows):
+    """The rows as Markdown shows them: `mean ± std` where a model ran with several seeds."""
+    return [with_spread(row) for row in rows] if len(rows) < len(seed_rows) else rows
+
+
+def table_note(results, settings):
+    alpha = settings["significance_level"]
+    return (f"Δ: the row minus the reference on the same {users_count(results)} test users (each user's metric "
+            f"averaged over the seeds), the mean and its {1 - alpha:.0%} interval from a paired bootstrap over users "
+            f"({settings['bootstrap_resamples']} resamples); * where the paired {settings['significance_test']} test "
+            f"is significant at {alpha} after Holm's correction over the table's rows.")
 
 
 def difference_column(metric, reference):

@@ -43,8 +43,8 @@ def test_comparison_table_for_two_models(tmp_path, capsys):
     results = run_recbole_llms(["SASRec", "GRU4Rec"], TINY_DATASET, config_dict=tiny_config(tmp_path))
     printed = capsys.readouterr().out
     tables = [f for f in os.listdir(tmp_path / "saved") if f.startswith("comparison-")]
-    assert sorted(os.path.splitext(f)[1] for f in tables) == [".csv", ".md"]
-    with open(tmp_path / "saved" / next(f for f in tables if f.endswith(".csv"))) as f:
+    assert sorted(os.path.splitext(f)[1] for f in tables) == [".csv", ".csv", ".md"]  # the table, its users' metrics
+    with open(tmp_path / "saved" / next(f for f in tables if f.endswith(".csv") and "-users" not in f)) as f:
         rows = list(csv.DictReader(f))
     assert [row["model"] for row in rows] == ["SASRec", "GRU4Rec"]
     for row, result in zip(rows, results):

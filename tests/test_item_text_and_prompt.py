@@ -143,6 +143,19 @@ def test_items_without_text_are_an_error_or_written_as_their_id(dataset_and_batc
     ]
 
 
+def test_a_title_only_item_without_a_title_is_written_from_its_other_fields(dataset_and_batch, caplog):
+    config, dataset, _ = dataset_and_batch
+    dataset = copy.copy(dataset)
+    dataset.item_feat = copy.deepcopy(dataset.item_feat)
+    dataset.item_feat["movie_title"][[3, 4]] = 0  # no title; the year is there
+    with caplog.at_level(logging.WARNING):
+        titles = item_texts_from_config(config, dataset, title_only=True)
+    years = [dataset.id2token("release_year", int(dataset.item_feat["release_year"][item])) for item in (3, 4)]
+    assert titles[3:5] == [f"({years[0]})", f"({years[1]})"]  # the whole item text: "{movie_title} ({release_year})"
+    assert titles[5] == item_texts_from_config(config, dataset_and_batch[1], title_only=True)[5]  # a title
+    assert f"2 of {dataset.item_num - 1} items have no text in movie_title, the title" in caplog.text
+
+
 @pytest.mark.parametrize("template", ["{movie_title} ({genre})", "a movie"])
 def test_template_must_use_the_fields(dataset_and_batch, tokenizer, template):
     with pytest.raises(RecBoleLLMError, match="item_text_template"):

@@ -13,7 +13,8 @@ OWN_COLUMNS = {"movie_title": "name", "release_year": "year", "class": "genre"}
 
 
 def own_dataset(data_path):
-    """ml-100k-tiny as the dataset 'own', its item features renamed: name, year, genre."""
+    """ml-100k-tiny as the dataset 'own', its item features renamed: name, year, genre; every 25th item without a
+    name (4% of them), its other features set."""
     source, folder = os.path.join(TESTS_DIR, "data", TINY_DATASET, TINY_DATASET), data_path / "own"
     folder.mkdir(parents=True)
     with open(f"{source}.inter") as inter:
@@ -22,11 +23,15 @@ def own_dataset(data_path):
         header, rest = item.read().split("\n", 1)
     for old, new in OWN_COLUMNS.items():
         header = header.replace(f"{old}:", f"{new}:")
-    (folder / "own.item").write_text(f"{header}\n{rest}")
+    rows = [row.split("\t") for row in rest.splitlines()]
+    for row in rows[::25]:
+        row[1] = ""  # the name
+    (folder / "own.item").write_text(header + "\n" + "\n".join("\t".join(row) for row in rows) + "\n")
+    return len(rows[::25]), len(rows)
 
 
 def test_laser_and_rsllm_run_on_a_dataset_of_ones_own_with_only_its_item_text_fields(tmp_path):
-    own_dataset(tmp_path / "data")
+    untitled, items = own_dataset(tmp_path / "data")
     run = subprocess.run(
         [sys.executable, os.path.join(REPO, "run_recbole_llm.py"), "--model=Laser,RSLLM", "--dataset=own",
          f"--data_path={tmp_path / 'data'}", "--item_text_fields=[name,year]", "--llm_path=tiny-llama"],
@@ -41,3 +46,6 @@ def test_laser_and_rsllm_run_on_a_dataset_of_ones_own_with_only_its_item_text_fi
     assert len(list((tmp_path / "saved").glob("cf-SASRec-own-*.pth"))) == 1  # trained once, for both
     log = next((tmp_path / "log" / "Laser").glob("*.log")).read_text()
     assert "runs its first" not in log  # tiny-llama runs whole: the CPU budget is the default LLM's
+    # RSLLM writes an item by its title: one without a name is written from its other item_text_fields
+    log = next((tmp_path / "log" / "RSLLM").glob("*.log")).read_text()
+    assert f"{untitled} of {items} items have no text in name, the title: written from all their" in log

@@ -5,13 +5,15 @@ import logging
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import RSLLM_SIZES, TINY_DATASET, tiny_config
-from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates
+from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates, ranking_metrics
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
@@ -92,6 +94,70 @@ def test_an_answer_names_a_whole_title_not_a_substring():
     assert named_candidates(answers, candidate_names).tolist() == [
         [False, True], [True, False], [False, False], [False, True], [True, False], [False, False]
     ]
+
+
+def test_ranked_candidates_give_hr1_and_ndcg5_by_hand():
+    scores = torch.tensor([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
+    # ranks of the targets: 1 (0.5 after 0.9), 0, and 1 among ties (the first listed first)
+    metrics = ranking_metrics(scores, torch.tensor([2, 0, 1]), "likelihood")
+    assert metrics["hr@1_likelihood"] == pytest.approx(1 / 3)
+    assert metrics["ndcg@5_likelihood"] == pytest.approx((2 / np.log2(3) + 1) / 3)
+    beyond_five = ranking_metrics(torch.arange(7.0)[None], torch.tensor([0]), "scores")  # ranked last of 7
+    assert beyond_five == {"hr@1_scores": 0.0, "ndcg@5_scores": 0.0}
+
+
+@torch.no_grad()
+def answer_log_likelihood(model, item_seq, item_len, candidates, item):
+    """The log-likelihood of one item's title and end token after one user's prompt and list, by a full forward."""
+    prompt = joined(model.user_prompt(item_seq, item_len), model.candidate_list(candidates))
+    inputs_embeds, attention_mask, position_ids, labels = model.with_answer(prompt, item.reshape(1))
+    hidden = model.last_hidden_states(inputs_embeds, attention_mask, position_ids)
+    log_probs = model.llm.get_output_embeddings()(hidden[:, :-1]).float().log_softmax(-1)
+    answer = labels[:, 1:] != IGNORED
+    return log_probs[answer].gather(1, labels[:, 1:][answer][:, None]).sum(), int(answer.sum())
+
+
+@pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])
+def test_candidate_likelihoods_in_one_batched_pass_equal_a_full_forward_per_candidate(rsllm, batch, stage):
+    rsllm.set_stage(stage)
+    rsllm.eval()
+    item_seq, item_len = batch[rsllm.ITEM_SEQ][:2], batch[rsllm.ITEM_SEQ_LEN][:2]
+    candidates, _ = sample_candidates(item_seq, batch[rsllm.POS_ITEM_ID][:2], rsllm.n_items, 3,
+                                      torch.Generator().manual_seed(0))
+    sums, lengths = rsllm.candidate_log_likelihoods(item_seq, item_len, candidates)
+    assert sums.shape == lengths.shape == (2, 3) and torch.all(sums < 0)
+    for user in range(2):
+        for column in range(3):
+            expected, tokens = answer_log_likelihood(rsllm, item_seq[user:user + 1], item_len[user:user + 1],
+                                                     candidates[user:user + 1], candidates[user, column])
+            assert float(sums[user, column]) == pytest.approx(float(expected), abs=1e-3)
+            assert int(lengths[user, column]) == tokens == int(rsllm.item_text_lengths[candidates[user, column]]) + 1
+
+
+def test_a_title_the_llm_favours_is_ranked_first_summed_and_per_token(tiny, batch):
+    model = tiny.build()
+    model.eval()
+    item_seq, item_len = batch[model.ITEM_SEQ][:1], batch[model.ITEM_SEQ_LEN][:1]
+    favoured = 7
+    favoured_tokens = set(model.title_ids[favoured, : model.item_text_lengths[favoured]].tolist())
+    others = [item for item in range(8, 200) if item not in item_seq[0].tolist()
+              and not set(model.title_ids[item, : model.item_text_lengths[item]].tolist()) <= favoured_tokens][:4]
+    candidates = torch.tensor([[others[0], others[1], favoured, others[2], others[3]]])
+    # the LLM's last states all 0 (a fresh norm of weight 0 on this model's copy), so its logits are the head's bias:
+    # every token of the favoured title, and the end token, far likelier than any other
+    base = model.llm.get_base_model()
+    decoder = base.get_decoder()
+    decoder.norm = type(decoder.norm)(decoder.norm.weight.shape[0])
+    decoder.norm.weight.data.zero_()
+    head = nn.Linear(decoder.norm.weight.shape[0], base.config.vocab_size)
+    head.weight.data.zero_()
+    head.bias.data.zero_()
+    head.bias.data[sorted(favoured_tokens | {model.tokenizer.eos_token_id})] = 20.0
+    base.set_output_embeddings(head)
+    sums, lengths = model.candidate_log_likelihoods(item_seq, item_len, candidates)
+    assert int(sums.argmax()) == int((sums / lengths).argmax()) == 2
+    metrics = ranking_metrics(sums / lengths, torch.tensor([2]), "likelihood")
+    assert metrics == {"hr@1_likelihood": 1.0, "ndcg@5_likelihood": 1.0}
 
 
 def test_candidate_prompt_joins_two_left_padded_prompts_into_one():
@@ -460,10 +526,14 @@ def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
         assert 0 <= test_result["hr@1_x_valid_ratio"] <= test_result["valid_ratio"] <= 1
         assert 0 <= test_result["hr@1_candidates"] <= 1
         assert "test hr@1_candidates" in comparison_rows([result])[0]
+        for ranked in ("hr@1_likelihood", "ndcg@5_likelihood", "hr@1_likelihood_sum", "ndcg@5_likelihood_sum"):
+            assert 0 <= test_result[ranked] <= 1  # ranked by the titles' likelihood: never an invalid answer
+        assert test_result["hr@1_likelihood"] <= test_result["ndcg@5_likelihood"]
         sasrec = run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(
             workdir, candidate_eval=True, n_candidates=RSLLM_SIZES["n_candidates"]
         ))["test_result"]  # the same users and candidates, SASRec's best-scored one picked
         assert sasrec["valid_ratio"] == 1 and sasrec["hr@1_candidates"] == sasrec["hr@1_x_valid_ratio"]
+        assert sasrec["hr@1_scores"] == sasrec["hr@1_candidates"]  # its pick is its best-ranked candidate
     checkpoint = load_checkpoint(result["saved_model_file"])
     assert checkpoint["stage"] == result["tested_stage"] == UNIFIED  # the last stage's best
     assert comparison_rows([result])[0]["tested stage"] == UNIFIED

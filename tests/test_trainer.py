@@ -146,8 +146,8 @@ def test_pop_picks_its_most_popular_candidate_among_the_sequential_models_candid
     picks = {}  # model class -> (model, candidates [B, C], which one it picked [B, C])
     pick = candidate_evaluation.picked_candidates
 
-    def recorded(model, interaction, candidates):
-        named, answers = pick(model, interaction, candidates)
+    def recorded(model, interaction, candidates, rankings):
+        named, answers = pick(model, interaction, candidates, rankings)
         picks[type(model).__name__] = model, candidates, named
         return named, answers
 

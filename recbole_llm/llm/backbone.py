@@ -165,7 +165,7 @@ def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, lay
     the prompt (see `layer_prefix_cache`)."""
     prefix_cache = {}
     if layer_prefix is not None:
-        prefix_cache[_cache_argument(decoder)] = layer_prefix_cache(decoder, layer_prefix)
+        prefix_cache[decoder_cache_argument(decoder)] = layer_prefix_cache(decoder, layer_prefix)
         attention_mask = torch.cat([attention_mask.new_ones(layer_prefix.shape[:2]), attention_mask], dim=1)
     return decoder(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
@@ -173,7 +173,7 @@ def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, lay
     ).last_hidden_state.to(inputs_embeds.device)
 
 
-def _cache_argument(decoder) -> str:
+def decoder_cache_argument(decoder) -> str:
     """The decoder's name for past keys and values: `cache` from transformers 5.24, `past_key_values` before."""
     module = getattr(decoder, "__self__", decoder)
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

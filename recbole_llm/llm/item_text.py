@@ -23,14 +23,7 @@ def item_texts(dataset, fields: list[str], template: str, empty_item_text: str =
     An item whose fields are all empty is an error, or (empty_item_text='id') is written as `item <its id>`. The
     first field is the title: one of `title_articles` stored at its end is written first (article_first).
     """
-    _check_fields(dataset, fields, template)
-    words = {field: _field_words(dataset, field) for field in fields}  # field -> [n_items] strings
-    if title_articles:
-        words[fields[0]] = [article_first(title, title_articles) for title in words[fields[0]]]
-    texts = [""]
-    for item in range(1, dataset.item_num):
-        values = {field: words[field][item] for field in fields}
-        texts.append(template.format(**values) if any(values.values()) else "")
+    texts = written_texts(dataset, fields, template, title_articles)
     empty = [item for item, text in enumerate(texts) if item and not text]
     if not empty:
         return texts
@@ -45,6 +38,19 @@ def item_texts(dataset, fields: list[str], template: str, empty_item_text: str =
     for item in empty:
         texts[item] = f"item {item_ids[item]}"
     logging.getLogger().warning(f"{what}: written as 'item <id>', e.g. {texts[empty[0]]!r}")
+    return texts
+
+
+def written_texts(dataset, fields: list[str], template: str, title_articles=None) -> list[str]:
+    """Every item's text by the template, "" where all its fields are empty (and for item 0, the padding)."""
+    _check_fields(dataset, fields, template)
+    words = {field: _field_words(dataset, field) for field in fields}  # field -> [n_items] strings
+    if title_articles:
+        words[fields[0]] = [article_first(title, title_articles) for title in words[fields[0]]]
+    texts = [""]
+    for item in range(1, dataset.item_num):
+        values = {field: words[field][item] for field in fields}
+        texts.append(template.format(**values).strip() if any(values.values()) else "")
     return texts
 
 
@@ -88,8 +94,20 @@ def check_item_text_settings(config, dataset):
 
 
 def item_texts_from_config(config, dataset, title_only=False) -> list[str]:
-    """item_texts with the settings item_text_fields, item_text_template, empty_item_text and title_articles."""
-    return item_texts(dataset, *text_settings(config, title_only), config["empty_item_text"], config["title_articles"])
+    """item_texts with the settings item_text_fields, item_text_template, empty_item_text and title_articles; with
+    title_only, each item's title (its first field), or its whole text where it has no title."""
+    texts = item_texts(dataset, *text_settings(config), config["empty_item_text"], config["title_articles"])
+    if not title_only:
+        return texts
+    fields, template = text_settings(config, title_only=True)
+    titles = written_texts(dataset, fields, template, config["title_articles"])
+    untitled = [item for item, title in enumerate(titles) if item and not title]
+    if untitled:
+        logging.getLogger().warning(
+            f"{len(untitled)} of {dataset.item_num - 1} items have no text in {fields[0]}, the title: written from "
+            f"all their item_text_fields instead, e.g. {texts[untitled[0]]!r}"
+        )
+    return [title or text for title, text in zip(titles, texts)]
 
 
 class ItemTextTable:

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
-from recbole_llm.llm.backbone import cut_layers, last_hidden_states, llm_from_config
+from recbole_llm.llm.backbone import cut_layers, decoder_cache_argument, last_hidden_states, llm_from_config
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config, template_fields
 from recbole_llm.llm.prompt import Prompt, PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
@@ -264,19 +264,21 @@ class RSLLM(LLMSequentialRecommender):
     def with_answer(self, prompt, items):
         """The prompt followed by each item's title and the end token, and the LM labels: -100 everywhere but on
         the answer's tokens. Returns inputs_embeds [B, T + A, d], attention_mask, position_ids and labels [B, T + A]."""
-        answer_length = int(self.item_text_lengths[items].max()) + 1
-        title_lengths = self.item_text_lengths[items, None]  # [B, 1]
-        answer_ids = F.pad(self.title_ids[items, : answer_length - 1], (0, 1), value=self.tokenizer.pad_token_id)
-        answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [B, A] title, end, padding
-        in_answer = torch.arange(answer_length, device=items.device) <= title_lengths  # [B, A]
-
+        answer_ids, in_answer = self.answer_tokens(items)
         inputs_embeds = torch.cat([prompt.inputs_embeds, self.input_embeddings()(answer_ids)], dim=1)
         attention_mask = torch.cat([prompt.attention_mask, in_answer.long()], dim=1)
-        answer_positions = prompt.position_ids[:, -1:] + 1 + torch.arange(answer_length, device=items.device)
-        position_ids = torch.cat([prompt.position_ids, answer_positions], dim=1)
+        position_ids = torch.cat([prompt.position_ids, answer_positions(prompt, answer_ids.shape[1])], dim=1)
         prompt_labels = torch.full_like(prompt.attention_mask, IGNORED)
         labels = torch.cat([prompt_labels, answer_ids.masked_fill(~in_answer, IGNORED)], dim=1)
         return inputs_embeds, attention_mask, position_ids, labels
+
+    def answer_tokens(self, items):
+        """Each item's title and the end token as an answer: ids [N, A] (padded) and which are the answer's [N, A]."""
+        answer_length = int(self.item_text_lengths[items].max()) + 1
+        title_lengths = self.item_text_lengths[items, None]  # [N, 1]
+        answer_ids = F.pad(self.title_ids[items, : answer_length - 1], (0, 1), value=self.tokenizer.pad_token_id)
+        answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [N, A] title, end, padding
+        return answer_ids, torch.arange(answer_length, device=items.device) <= title_lengths
 
     def language_modeling_loss(self, hidden, labels):
         """Causal LM loss of the labelled tokens; the LM head runs only at the positions that predict them."""
@@ -366,6 +368,38 @@ class RSLLM(LLMSequentialRecommender):
         )  # [B, <= max_answer_tokens]: only the new tokens, as the prompt was given as embeddings
         return self.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
 
+    @torch.no_grad()
+    def candidate_log_likelihoods(self, item_seq, item_len, candidates):
+        """How likely the LLM finds each candidate's title, then the end token, as the answer to the history's [B, L]
+        user prompt and its candidates [B, C] (BIGRec's and TALLRec's ranking): the log-likelihood summed over the
+        answer's tokens [B, C] and their number [B, C]. The prompt runs once; every candidate's answer continues
+        from its keys and values, and the LM head reads one answer position at a time (a [B * C, vocab] slice)."""
+        n_users, n_candidates = candidates.shape
+        prompt = joined(self.user_prompt(item_seq, item_len), self.candidate_list(candidates))
+        decoder = self.llm.get_base_model().get_decoder()
+        cache_argument = decoder_cache_argument(decoder)
+        prompt_output = decoder(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                                position_ids=prompt.position_ids, use_cache=True)
+        cache = prompt_output[cache_argument]  # the output names its cache as the argument does
+        cache.batch_repeat_interleave(n_candidates)  # one copy of the prompt's keys and values per candidate
+        answer_ids, in_answer = self.answer_tokens(candidates.reshape(-1))  # [B * C, A]
+        answer_states = decoder(
+            inputs_embeds=self.input_embeddings()(answer_ids),
+            attention_mask=torch.cat([prompt.attention_mask.repeat_interleave(n_candidates, 0), in_answer.long()], 1),
+            position_ids=answer_positions(prompt, answer_ids.shape[1]).repeat_interleave(n_candidates, 0),
+            use_cache=False, **{cache_argument: cache},
+        ).last_hidden_state  # [B * C, A, d_llm]
+        # an answer's first token is predicted where the prompt ends, each other token where the one before it is
+        predicting = torch.cat([prompt_output.last_hidden_state[:, -1:].repeat_interleave(n_candidates, 0),
+                                answer_states[:, :-1]], dim=1)  # [B * C, A, d_llm]
+        lm_head = self.llm.get_output_embeddings()
+        log_probs = torch.stack([
+            lm_head(predicting[:, position]).float().log_softmax(-1).gather(1, answer_ids[:, position, None])[:, 0]
+            for position in range(answer_ids.shape[1])
+        ], dim=1)  # [B * C, A]
+        sums = (log_probs * in_answer).sum(1).reshape(n_users, n_candidates)
+        return sums, in_answer.sum(1).reshape(n_users, n_candidates)
+
 
 def info_nce(queries, keys, positives, tau):
     """InfoNCE of queries [N, d] against keys [K, d] by cosine / tau: query n's positive is keys[positives[n]], the
@@ -373,6 +407,11 @@ def info_nce(queries, keys, positives, tau):
     with torch.autocast(queries.device.type, enabled=False):
         logits = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T / tau  # [N, K]
         return F.cross_entropy(logits, positives)
+
+
+def answer_positions(prompt, answer_length):
+    """The positions [B, A] of an answer that follows the prompt."""
+    return prompt.position_ids[:, -1:] + 1 + torch.arange(answer_length, device=prompt.position_ids.device)
 
 
 def joined(first, second):
