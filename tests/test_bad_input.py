@@ -190,33 +190,6 @@ def test_a_bad_setting_fails_before_the_cf_model_trains(cli, tmp_path, model):
 
 
 @pytest.mark.usefixtures("no_llm")
-@pytest.mark.parametrize("model", ["Laser", "RSLLM"])
-def test_a_mistyped_llm_path_fails_before_the_cf_model_trains(cli, tmp_path, model, monkeypatch):
-    monkeypatch.setattr("recbole_llm.cf_training.train_into_cache", lambda *a: pytest.fail("the CF model trained"))
-    assert "llm_path '/nonexistent/model' does not exist" in cli(model=model, cf_checkpoint=None,
-                                                                 llm_path="/nonexistent/model")
-    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "bert")
-    assert "not a decoder-only causal LM" in cli(model=model, cf_checkpoint=None, llm_path=str(tmp_path / "bert"))
-    assert sorted(os.listdir(tmp_path / "saved")) == ["Laser-earlier-run.pth"]  # no cache, no .partial file
-
-
-def test_a_failed_cf_training_leaves_no_partial_file(tmp_path, monkeypatch):
-    run = tiny_run("Laser", tmp_path)
-
-    def fail_after_an_epoch(self, train_data, *args, **kwargs):
-        self._train_data = train_data
-        self.last_checkpoint_file = f"{self.saved_model_file}-last.partial"
-        self._save_checkpoint(0)
-        self._save_last_checkpoint(0)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("recbole_llm.trainer.Trainer.fit", fail_after_an_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        trained_checkpoint(run.config, run.train_data._dataset)
-    assert os.listdir(tmp_path / "saved") == []
-
-
-@pytest.mark.usefixtures("no_llm")
 @pytest.mark.parametrize(
     "model, setting, fragment",
     [
