@@ -129,12 +129,18 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
         floor = [run for run in runs if run["base"] == FLOOR]
         seeds_of = {label: sorted(run["seed"] for run in family if run["setting"] == label) for label in labels}
         complete = [label for label in labels if seeds_of[label]]
+        if not complete:
+            continue
         # a paired comparison over the seeds both sides ran: users' metrics averaged over the same seeds
-        common = sorted(set.intersection(*(set(seeds_of[label]) for label in complete))) if complete else []
+        common = set.intersection(*(set(seeds_of[label]) for label in complete))
+        if model != FLOOR:
+            common &= {run["seed"] for run in floor}
+        common = sorted(common)
         same_seeds = [run for run in family + floor if run["seed"] in common]
         to_default = reference_differences(same_seeds, [model], settings)[("ndcg@10", model)] \
-            if model != FLOOR and DEFAULT in complete else {}
-        to_floor = reference_differences(same_seeds, [FLOOR], settings)[("ndcg@10", FLOOR)] if floor else {}
+            if model != FLOOR and DEFAULT in complete and common else {}
+        to_floor = reference_differences(same_seeds, [FLOOR], settings)[("ndcg@10", FLOOR)] \
+            if model != FLOOR and common else {}
         for label in complete:
             label_runs = [run for run in family if run["setting"] == label]
             valid = [run["best_valid_score"] for run in label_runs]

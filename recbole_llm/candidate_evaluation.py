@@ -25,6 +25,8 @@ from recbole_llm.cold_items import data_preparation
 from recbole_llm.distributed import evaluated_samples, gather_in_sample_order, is_distributed, process_share
 from recbole_llm.model.candidates import sample_candidates
 
+RANKED = "ranked"  # the candidates as a model ranks them (candidate_rankings)
+
 
 def answers_candidates(model):
     """Whether a model writes its answers (``answer_candidates``); the others pick by their scores."""
@@ -34,7 +36,9 @@ def answers_candidates(model):
 def evaluate_candidates(model, eval_data, config):
     """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with the seed (all of them
     when None), each with n_candidates candidates drawn with the seed; and HR@1 and NDCG@5 of the candidates as the
-    model ranks them (candidate_rankings), an answer that is never invalid."""
+    model ranks them (candidate_rankings), an answer that is never invalid. Returns the metrics and each user's
+    outcomes ({"user_id": RecBole's ids, metric: [n_users]}, the users in the drawn order: the same for every
+    model), for paired comparisons."""
     interactions = cat_interactions([interaction for interaction, *_ in eval_data])
     if is_distributed(config):  # every process draws from all users, as one process does
         fields = sorted(interactions.interaction)  # one order in every process (RecBole keeps the fields in a set)
@@ -61,16 +65,18 @@ def evaluate_candidates(model, eval_data, config):
         named, *ranked = gather_in_sample_order(answered, [named, *rankings.values()])
         rankings = dict(zip(rankings, ranked))
         answers = gather_in_sample_order(answered, [answers])[0] if answers_candidates(model) else answers
-    metrics = candidate_metrics(named, target_index)
+    ranked = {}
     for name, scores in rankings.items():
-        metrics.update(ranking_metrics(scores, target_index, name))
+        ranked.update(ranking_metrics(scores, target_index, name))
+    metrics = {**candidate_metrics(named, target_index), **{key: float(v.mean()) for key, v in ranked.items()}}
+    per_user = {"user_id": interactions[dataset.uid_field].cpu().numpy(), **user_hits(named, target_index), **ranked}
     example = f"; e.g. answer {answers[0]!r}" if answers else ""
     getLogger().info(
         set_color("candidate evaluation", "blue") + f" ({len(users)} users, {config['n_candidates']} candidates, "
         + ("greedy answers" if answers_candidates(model) else "the best-scored candidate") + f"{example}): "
         + ", ".join(f"{key}: {value:.4f}" for key, value in metrics.items())
     )
-    return metrics
+    return metrics, per_user
 
 
 def sequential_test_data(config):
@@ -91,7 +97,7 @@ def picked_candidates(model, interaction, candidates, rankings):
         )
         candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
         return named_candidates(answers, candidate_names), answers
-    best = rankings["scores"].argmax(1)  # [B]
+    best = rankings[RANKED].argmax(1)  # [B]
     return F.one_hot(best, candidates.shape[1]).bool(), []
 
 
@@ -110,25 +116,32 @@ def named_candidates(answers, candidate_names):
 
 @torch.no_grad()
 def candidate_rankings(model, interaction, candidates):
-    """How the model ranks each user's candidates [B, C] (on the CPU), by name: a model that writes answers by the
-    log-likelihood of each candidate's title as its answer, per token ("likelihood") and in all ("likelihood_sum");
-    any other model by its scores ("scores")."""
+    """How the model ranks each user's candidates [B, C] (on the CPU), by name: "ranked" by the scores of a model
+    that scores items, or, for a model that writes answers, by the log-likelihood per token of each candidate's title
+    as its answer (and "ranked_sum", the log-likelihood in all)."""
     if answers_candidates(model):
         sums, lengths = model.candidate_log_likelihoods(
             interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
         )
-        return {"likelihood": (sums / lengths).cpu(), "likelihood_sum": sums.cpu()}
+        return {RANKED: (sums / lengths).cpu(), f"{RANKED}_sum": sums.cpu()}
     with torch.autocast(model.device.type, enabled=False):
         scores = model.full_sort_predict(interaction).float().reshape(len(candidates), -1).cpu()  # [B, n_items]
-    return {"scores": scores.gather(1, candidates)}
+    return {RANKED: scores.gather(1, candidates)}
 
 
 def ranking_metrics(scores, target_index, name):
-    """HR@1 and NDCG@5 of the target among the candidates ranked by scores [N, C] (ties: the first listed first)."""
+    """Each user's HR@1 and NDCG@5 [N] of the target among the candidates ranked by scores [N, C] (ties: the first
+    listed first), as numpy arrays."""
     order = scores.argsort(dim=1, descending=True, stable=True)  # [N, C]
     rank = (order == target_index[:, None]).int().argmax(1)  # [N] 0 = ranked first
     ndcg = torch.where(rank < 5, 1 / torch.log2(rank.double() + 2), torch.zeros_like(rank, dtype=torch.double))
-    return {f"hr@1_{name}": int((rank == 0).sum()) / len(rank), f"ndcg@5_{name}": float(ndcg.mean())}
+    return {f"hr@1_{name}": (rank == 0).double().numpy(), f"ndcg@5_{name}": ndcg.numpy()}
+
+
+def user_hits(named, target_index):
+    """Each user's hit [N] of LLaRA's protocol (a valid answer naming the target): their mean is HR@1 x ValidRatio."""
+    valid = named.sum(1) == 1
+    return {"hr@1_x_valid_ratio": (valid & named.gather(1, target_index[:, None]).squeeze(1)).double().numpy()}
 
 
 def candidate_metrics(named, target_index):

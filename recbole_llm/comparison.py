@@ -150,8 +150,8 @@ def users_over_seeds(results, metric):
     have per-user metrics."""
     by_label = {}
     for result in results:
-        per_user = result.get("test_per_user")
-        if per_user is None or metric not in per_user:
+        per_user = users_of(result, metric)
+        if per_user is None:
             continue
         order = np.argsort(per_user["user_id"], kind="stable")
         by_label.setdefault(result["model"], []).append((per_user["user_id"][order], per_user[metric][order]))
@@ -164,12 +164,23 @@ def users_over_seeds(results, metric):
     return averaged
 
 
+def users_of(result, metric):
+    """The per-user dict of a result that holds `metric`: RecBole's metrics of every test user, or the candidate
+    protocol's outcomes of its users; None without it."""
+    for key in ("test_per_user", "candidate_per_user"):
+        if result.get(key) is not None and metric in result[key]:
+            return result[key]
+    return None
+
+
 def reference_differences(results, references, settings):
     """{(metric, reference): {row label: PairedDifference}} for every significance metric and reference, each
     family (the rows other than the reference) Holm-corrected."""
     differences = {}
     for metric in settings["significance_metrics"]:
         users = users_over_seeds(results, metric)
+        if not users:
+            continue  # no row has it (a candidate metric without candidate_eval)
         for reference in references:
             if reference not in users:
                 raise RecBoleLLMError(f"reference '{reference}' has no row with per-user {metric} in this comparison: "
@@ -192,22 +203,27 @@ def reference_differences(results, references, settings):
 
 
 def users_count(results):
+    """How many users the differences are taken over: every test user, and the candidate protocol's where it ran."""
     counts = {len(r["test_per_user"]["user_id"]) for r in results if r.get("test_per_user") is not None}
-    return "/".join(map(str, sorted(counts))) or "0"
+    text = "/".join(map(str, sorted(counts))) or "0"
+    candidates = {len(r["candidate_per_user"]["user_id"]) for r in results if r.get("candidate_per_user")}
+    return text + (f" (the candidate protocol's: {'/'.join(map(str, sorted(candidates)))})" if candidates else "")
 
 
 def write_user_metrics(path_stem, results, metrics):
-    """``<path_stem>.csv``: user_id, model, seed, metric, value; a row per test user, run and metric."""
+    """``<path_stem>.csv``: user_id, model, seed, metric, value; a row per user, run and metric (the candidate
+    protocol's metrics for its users)."""
     with open(f"{path_stem}.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["user_id", "model", "seed", "metric", "value"])
         for result in results:
-            per_user = result.get("test_per_user")
-            for metric in metrics if per_user is not None else ():
-                writer.writerows(
-                    (user, result["model"], result.get("seed"), metric, repr(float(value)))
-                    for user, value in zip(per_user["user_id"], per_user[metric])
-                )
+            for metric in metrics:
+                per_user = users_of(result, metric)
+                if per_user is not None:
+                    writer.writerows(
+                        (user, result["model"], result.get("seed"), metric, repr(float(value)))
+                        for user, value in zip(per_user["user_id"], per_user[metric])
+                    )
 
 
 def markdown_table(rows, columns=None):

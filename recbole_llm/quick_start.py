@@ -87,6 +87,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     test_per_user = user_tokens(trainer.last_per_user, dataset, config)
     if config["candidate_eval"] and not trainer.reads_histories():  # Pop: the sequential models' users and candidates
         test_result.update(trainer.candidate_result(sequential_test_data(config)))
+    candidate_per_user = user_tokens(trainer.last_candidate_per_user, dataset, config)
     eval_end = time()
     cold_result = cold_test_result(config, trainer, test_data)
     trainable, total = count_parameters(model)  # of the tested weights' stage (a stage sets what trains)
@@ -106,6 +107,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "test_per_user": test_per_user,
+        "candidate_per_user": candidate_per_user,
         "cold_test_result": cold_result,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -135,6 +137,7 @@ def evaluate_collaborative_model(config, model, dataset, valid_data, test_data):
     test_result = trainer.evaluate(test_data, load_best_model=False)
     eval_time = time() - start
     test_per_user = user_tokens(trainer.last_per_user, dataset, config)
+    candidate_per_user = user_tokens(trainer.last_candidate_per_user, dataset, config)
     getLogger().info(set_color(f"test result of its {config['cf_model']}", "yellow") + f": {test_result}")
     return {
         "model": f"{config['cf_model']} (CF model of {config['model']})",
@@ -143,6 +146,7 @@ def evaluate_collaborative_model(config, model, dataset, valid_data, test_data):
         "valid_metric": config["valid_metric"],
         "test_result": test_result,
         "test_per_user": test_per_user,
+        "candidate_per_user": candidate_per_user,
         "cold_test_result": cold_test_result(config, trainer, test_data),
         "trainable_parameters": count_parameters(recommender)[1],  # frozen here, trained before
         "train_time": None,

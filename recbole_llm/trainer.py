@@ -203,6 +203,7 @@ class CandidateEvaluationMixin:
     metrics only."""
 
     validating = False
+    last_candidate_per_user = None  # the last candidate protocol's outcome per user
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         result = self.ranking_result(eval_data, load_best_model, model_file, show_progress)
@@ -212,10 +213,11 @@ class CandidateEvaluationMixin:
 
     def candidate_result(self, eval_data):
         """The candidate protocol on eval_data, a sequential model's loader (a general model's: quick_start gives
-        it ``sequential_test_data``)."""
+        it ``sequential_test_data``); each user's outcomes in ``last_candidate_per_user``."""
         self.model.eval()
         with self._out_of_memory_advice("eval"):
-            return evaluate_candidates(self.model, eval_data, self.config)
+            metrics, self.last_candidate_per_user = evaluate_candidates(self.model, eval_data, self.config)
+        return metrics
 
     def reads_histories(self):
         """Whether the model is sequential: the candidates lie outside each user's history, as its batches hold it

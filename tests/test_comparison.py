@@ -185,3 +185,19 @@ def test_bad_comparison_arguments_fail_before_any_training(tmp_path, monkeypatch
     error = capsys.readouterr().err
     assert exit_status.value.code == 2 and error.count("\n") == 1 and fragment in error, error
     assert not (tmp_path / "saved").exists()
+
+
+def test_the_candidate_protocol_is_compared_per_user_too(workdir):
+    folder = workdir / "candidates"
+    results = run_recbole_llms(["Pop", "SASRec"], TINY_DATASET, config_dict=tiny_config(
+        folder, candidate_eval=True, n_candidates=5, n_candidate_users=50))
+    pop, sasrec = (result["candidate_per_user"] for result in results)
+    assert list(pop["user_id"]) == list(sasrec["user_id"]) and len(pop["user_id"]) == 50  # the same users, in order
+    assert sasrec["hr@1_ranked"].mean() == pytest.approx(results[1]["test_result"]["hr@1_ranked"])
+    stem = comparison_files(folder / "saved")
+    row = read_csv(stem + ".csv")[1]
+    expected = paired_difference(sasrec["hr@1_x_valid_ratio"], pop["hr@1_x_valid_ratio"])
+    assert float(row["Δ hr@1_x_valid_ratio vs Pop low"]) == pytest.approx(expected.low)
+    assert "the candidate protocol's: 50" in open(stem + ".md").read()
+    metrics = {row["metric"] for row in read_csv(stem + "-users.csv")}
+    assert metrics == {"ndcg@10", "recall@10", "hr@1_x_valid_ratio", "hr@1_ranked"}

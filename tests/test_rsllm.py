@@ -99,11 +99,11 @@ def test_an_answer_names_a_whole_title_not_a_substring():
 def test_ranked_candidates_give_hr1_and_ndcg5_by_hand():
     scores = torch.tensor([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0], [1.0, 1.0, 1.0]])
     # ranks of the targets: 1 (0.5 after 0.9), 0, and 1 among ties (the first listed first)
-    metrics = ranking_metrics(scores, torch.tensor([2, 0, 1]), "likelihood")
-    assert metrics["hr@1_likelihood"] == pytest.approx(1 / 3)
-    assert metrics["ndcg@5_likelihood"] == pytest.approx((2 / np.log2(3) + 1) / 3)
-    beyond_five = ranking_metrics(torch.arange(7.0)[None], torch.tensor([0]), "scores")  # ranked last of 7
-    assert beyond_five == {"hr@1_scores": 0.0, "ndcg@5_scores": 0.0}
+    per_user = ranking_metrics(scores, torch.tensor([2, 0, 1]), "ranked")
+    assert per_user["hr@1_ranked"].tolist() == [0, 1, 0]
+    assert per_user["ndcg@5_ranked"] == pytest.approx([1 / np.log2(3), 1, 1 / np.log2(3)])
+    beyond_five = ranking_metrics(torch.arange(7.0)[None], torch.tensor([0]), "ranked")  # ranked last of 7
+    assert beyond_five["hr@1_ranked"].tolist() == beyond_five["ndcg@5_ranked"].tolist() == [0.0]
 
 
 @torch.no_grad()
@@ -156,8 +156,8 @@ def test_a_title_the_llm_favours_is_ranked_first_summed_and_per_token(tiny, batc
     base.set_output_embeddings(head)
     sums, lengths = model.candidate_log_likelihoods(item_seq, item_len, candidates)
     assert int(sums.argmax()) == int((sums / lengths).argmax()) == 2
-    metrics = ranking_metrics(sums / lengths, torch.tensor([2]), "likelihood")
-    assert metrics == {"hr@1_likelihood": 1.0, "ndcg@5_likelihood": 1.0}
+    per_user = ranking_metrics(sums / lengths, torch.tensor([2]), "ranked")
+    assert per_user["hr@1_ranked"].tolist() == per_user["ndcg@5_ranked"].tolist() == [1.0]
 
 
 def test_candidate_prompt_joins_two_left_padded_prompts_into_one():
@@ -526,14 +526,18 @@ def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
         assert 0 <= test_result["hr@1_x_valid_ratio"] <= test_result["valid_ratio"] <= 1
         assert 0 <= test_result["hr@1_candidates"] <= 1
         assert "test hr@1_candidates" in comparison_rows([result])[0]
-        for ranked in ("hr@1_likelihood", "ndcg@5_likelihood", "hr@1_likelihood_sum", "ndcg@5_likelihood_sum"):
+        for ranked in ("hr@1_ranked", "ndcg@5_ranked", "hr@1_ranked_sum", "ndcg@5_ranked_sum"):
             assert 0 <= test_result[ranked] <= 1  # ranked by the titles' likelihood: never an invalid answer
-        assert test_result["hr@1_likelihood"] <= test_result["ndcg@5_likelihood"]
+        assert test_result["hr@1_ranked"] <= test_result["ndcg@5_ranked"]
+        per_user = result["candidate_per_user"]  # each candidate user's outcome, for paired comparisons
+        assert len(per_user["user_id"]) == RSLLM_SIZES["n_candidate_users"]
+        assert per_user["hr@1_x_valid_ratio"].mean() == pytest.approx(test_result["hr@1_x_valid_ratio"])
+        assert per_user["ndcg@5_ranked"].mean() == pytest.approx(test_result["ndcg@5_ranked"])
         sasrec = run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(
             workdir, candidate_eval=True, n_candidates=RSLLM_SIZES["n_candidates"]
         ))["test_result"]  # the same users and candidates, SASRec's best-scored one picked
         assert sasrec["valid_ratio"] == 1 and sasrec["hr@1_candidates"] == sasrec["hr@1_x_valid_ratio"]
-        assert sasrec["hr@1_scores"] == sasrec["hr@1_candidates"]  # its pick is its best-ranked candidate
+        assert sasrec["hr@1_ranked"] == sasrec["hr@1_candidates"]  # its pick is its best-ranked candidate
     checkpoint = load_checkpoint(result["saved_model_file"])
     assert checkpoint["stage"] == result["tested_stage"] == UNIFIED  # the last stage's best
     assert comparison_rows([result])[0]["tested stage"] == UNIFIED
