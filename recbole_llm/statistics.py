@@ -51,7 +51,7 @@ def bootstrap_interval(differences, resamples, level, seed):
         return float(differences[0]), float(differences[0])
     interval = stats.bootstrap(
         (differences,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
-        rng=np.random.default_rng(seed), vectorized=True,
+        random_state=np.random.default_rng(seed), vectorized=True,  # the name every SciPy since 1.7 reads
     ).confidence_interval
     return float(interval.low), float(interval.high)
 
