@@ -33,7 +33,8 @@ def comparison_rows(results):
     timings."""
     rows = []
     for result in results:
-        row = {"model": result["model"], "seed": result.get("seed")}
+        seed = result.get("seed")
+        row = {"model": result["model"], "seed": None if seed is None else str(seed)}  # a label, not a number
         row.update({f"test {k}": v for k, v in (result["test_result"] or {}).items()})
         cold_result = result.get("cold_test_result")
         if cold_result is not None:
