@@ -16,11 +16,11 @@ import numpy as np
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.statistics import paired_difference, with_holm
 
-COLD_METRICS = ("ndcg@10", "recall@10")
-SPREAD_KEYS = ("test ", "best valid ", "cold ")
-CSV_ONLY = (" std", " low", " high", " p", " p (Holm)")  # the details of a row that only its CSV shows  # the numbers whose spread over seeds the table shows
+COLD_METRICS = ("ndcg@10", "recall@10")  # of the test users whose target is a cold item (cold_item_ratio)
+SPREAD_KEYS = ("test ", "best valid ", "cold ")  # the numbers whose spread over seeds the table shows
+CSV_ONLY = (" std", " low", " high", " p", " p (Holm)")  # the details of a row that only its CSV shows
 # the settings (properties/overall.yaml) of the comparison's differences to its reference models
-SIGNIFICANCE_SETTINGS = ("significance_metrics", "significance_test", "significance_level", "bootstrap_resamples")  # of the test users whose target is a cold item (cold_item_ratio)
+SIGNIFICANCE_SETTINGS = ("significance_metrics", "significance_test", "significance_level", "bootstrap_resamples")
 
 
 def with_companions(results):
