@@ -175,8 +175,8 @@ def users_of(result, metric):
 
 
 def reference_differences(results, references, settings):
-    """{(metric, reference): {row label: PairedDifference}} for every significance metric and reference, each
-    family (the rows other than the reference) Holm-corrected."""
+    """{(metric, reference): {row label: PairedDifference}} for every significance metric and reference that has it
+    per user, each family (the rows other than the reference that have it) Holm-corrected."""
     differences = {}
     for metric in settings["significance_metrics"]:
         users = users_over_seeds(results, metric)
@@ -184,8 +184,7 @@ def reference_differences(results, references, settings):
             continue  # no row has it (a candidate metric without candidate_eval)
         for reference in references:
             if reference not in users:
-                raise RecBoleLLMError(f"reference '{reference}' has no row with per-user {metric} in this comparison: "
-                                      f"name one of {', '.join(users)}")
+                continue  # e.g. the candidate protocol ran for some models only, not for the reference
             reference_users, reference_values = users[reference]
             family = {}
             for label, (user_ids, values) in users.items():
