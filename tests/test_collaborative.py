@@ -109,10 +109,13 @@ def test_cache_key_follows_the_cf_settings_not_the_llm_ones(workdir, tiny, sasre
 
     assert cache_path() == sasrec.checkpoint_path
     # the LLM model's own training settings
-    assert cache_path(learning_rate=0.5, hidden_dropout_prob=0.1, stopping_step=10, seed=7) == sasrec.checkpoint_path
+    assert cache_path(learning_rate=0.5, hidden_dropout_prob=0.1, stopping_step=10) == sasrec.checkpoint_path
     assert cache_path(model="RSLLM") == sasrec.checkpoint_path  # both models share one CF model
     assert cache_path(cf_config={**TINY_CF, "n_layers": 2}) != sasrec.checkpoint_path
     assert cache_path(cf_config={**TINY_CF, "seed": 7}) != sasrec.checkpoint_path
+    # one CF model per seed of the run: a comparison over seeds has the CF model's spread in it
+    assert cache_path(seed=7) != sasrec.checkpoint_path
+    assert cf_training_config(make_config(workdir, seed=7))["seed"] == 7
     assert cache_path(MAX_ITEM_LIST_LENGTH=10) != sasrec.checkpoint_path  # the data
 
 
