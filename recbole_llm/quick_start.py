@@ -209,19 +209,27 @@ def run(models, dataset, config_file_list=None, config_dict=None, saved=True, np
     spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
     spawn_level = spawn_logger.level
     spawn_logger.setLevel(logging.ERROR)  # torch's note that it stops the other processes when one fails
+    reports = []  # read while the processes run: a result larger than the pipe's buffer blocks its writer until then
     try:
-        mp.spawn(_run_process, args=args, nprocs=nproc, join=True)
+        processes = mp.spawn(_run_process, args=args, nprocs=nproc, join=False)
+        while not processes.join(timeout=1):
+            reports += drained(queue)
     except mp.ProcessRaisedException:
-        reports = []
-        while not queue.empty():
-            reports.append(queue.get())
-        errors = [report for report in reports if isinstance(report, RecBoleLLMError)]
+        errors = [report for report in reports + drained(queue) if isinstance(report, RecBoleLLMError)]
         if errors:  # bad input: the process's one-line message, not its traceback
             raise errors[0] from None
         raise
     finally:
         spawn_logger.setLevel(spawn_level)
-    return queue.get()
+    return (reports + drained(queue))[0]
+
+
+def drained(queue):
+    """Everything the queue holds now."""
+    reports = []
+    while not queue.empty():
+        reports.append(queue.get())
+    return reports
 
 
 def _run_process(local_rank, models, dataset, config_file_list, config_dict, saved, queue, seeds, references):
