@@ -284,7 +284,8 @@ class LLMTrainer(Trainer):
         self.stage = stage
         self.model.set_stage(stage.name)  # which weights train: DDP synchronises those ...
         self.distributed_model = self.build_distributed_model()  # ... from rank 0's values, before the stage computes
-        self.model.begin_stage(stage.name)
+        with self.autocast():  # an item matrix made here is computed as training and evaluation compute theirs
+            self.model.begin_stage(stage.name)
         self.optimizer = self._build_optimizer()
         if self.optimizer is None:
             raise RecBoleLLMError(f"stage '{stage.name}' of {self.config['model']} has no trainable parameters")
@@ -361,6 +362,7 @@ class LLMTrainer(Trainer):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         total_loss = None  # summed on the device: no host sync per step
         first_non_finite = torch.tensor(n_batches, device=self.device)  # index of the first nan/inf loss, if any
+        non_finite_terms = None  # which loss terms were nan/inf (train_loss1, ...): where to look
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
@@ -374,6 +376,7 @@ class LLMTrainer(Trainer):
                 (loss / self.grad_accum_steps).backward()
             total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
             first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
+            non_finite_terms = ~loss_terms.isfinite() | (False if non_finite_terms is None else non_finite_terms)
             if optimizer_step:
                 if self.clip_grad_norm:
                     clip_grad_norm_(parameters, **self.clip_grad_norm)
@@ -382,17 +385,21 @@ class LLMTrainer(Trainer):
                 self.optimizer.zero_grad()
             if show_progress and batch_idx % 10 == 0:
                 batches.set_postfix(loss=f"{loss.item():.4f}")
-                self._stop_on_non_finite_loss(first_non_finite, n_batches)  # the host waits here anyway
+                self._stop_on_non_finite_loss(first_non_finite, n_batches, non_finite_terms)  # the host waits anyway
             if last_batch:
                 break  # a capped epoch: the shuffled loader gives a different subset each epoch
-        self._stop_on_non_finite_loss(first_non_finite, n_batches)
+        self._stop_on_non_finite_loss(first_non_finite, n_batches, non_finite_terms)
         epoch_losses = total_loss.tolist()
         return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]
 
-    def _stop_on_non_finite_loss(self, first_non_finite, n_batches):
+    def _stop_on_non_finite_loss(self, first_non_finite, n_batches, non_finite_terms):
         batch_idx = int(first_non_finite)
         if batch_idx < n_batches:
-            raise self._non_finite_loss_error(f"batch {batch_idx} of epoch {self._epoch} in stage '{self.stage.name}'")
+            terms = [f"train_loss{index + 1}" for index in non_finite_terms.nonzero().flatten().tolist()]
+            of_terms = f" ({', '.join(terms)} of {len(non_finite_terms)})" if len(non_finite_terms) > 1 else ""
+            raise self._non_finite_loss_error(
+                f"batch {batch_idx} of epoch {self._epoch} in stage '{self.stage.name}'{of_terms}"
+            )
 
     def _batch_size_advice(self, phase):
         size = self.config["train_batch_size"]

@@ -58,3 +58,23 @@ def test_without_cpu_bf16_or_without_bf16_units_the_cpu_computes_in_fp32(
     monkeypatch.setattr(recbole_llm.trainer, "cpu_computes_bf16", lambda: has_units)
     run = tiny_run("Laser", workdir / "fp32", cf_checkpoint=cf_checkpoint, cpu_bf16=setting)
     assert LLMTrainer(run.config, run.build()).amp_dtype is expected
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_laser_with_the_llm_held_in_bf16_makes_its_stage_matrix_and_deep_prefix_in_the_llm_s_dtype(
+    autocast, workdir, cf_checkpoint, monkeypatch
+):
+    """As on a GPU (llm_dtype auto: bf16): without stage 1 the item matrix is made when stage 2 begins, outside a
+    training step, and the deep prefix's fp32 vectors meet the bf16 key/value maps there."""
+    monkeypatch.setattr(recbole_llm.trainer, "cpu_computes_bf16", lambda: autocast)
+    run = tiny_run("Laser", workdir / f"bf16-{autocast}", cf_checkpoint=cf_checkpoint, cpu_bf16=True,
+                   llm_dtype="bfloat16", stage1_epochs=0, deep_prefix=True)
+    model = run.build()
+    trainer = LLMTrainer(run.config, model)
+
+    trainer.fit(run.train_data, run.valid_data, saved=False)
+    result = trainer.evaluate(run.test_data, load_best_model=False)
+
+    assert model.item_matrix.dtype == torch.float32 and model.item_matrix[1:].isfinite().all()
+    assert model.item_matrix.norm(dim=-1)[1:].allclose(torch.ones(()), atol=1e-3)
+    assert all(0.0 <= value <= 1.0 for value in result.values())

@@ -135,6 +135,26 @@ def test_call_2_without_call_1_says_so(dry, tmp_path, capsys):
     assert "call 1 (install) has not run on this machine" in summary(capsys.readouterr().out)["join"][1]
 
 
+def test_call_2_runs_the_steps_it_is_given_inside_the_seconds_it_is_given(dry, tmp_path, capsys):
+    _, root, _ = dry
+    assert remote.run(root / "gpu_kit", root / "work", "dry", tmp_path / "out", seconds=15, steps=["quality"]) == 1
+    rows = summary(capsys.readouterr().out)
+    assert rows["join"][0] == "ok" and "smoke" not in rows and "cost" not in rows
+    assert rows["quality"] == ("skipped", "5 s left of the run's 15 s")  # a shorter lease: the step is not started
+    assert remote.run(root / "gpu_kit", root / "work", "dry", tmp_path / "out", steps=["smoke", "nope"]) == 1
+    assert "no step ['nope'] in call 2" in summary(capsys.readouterr().out)["join"][1]
+
+
+@pytest.mark.parametrize("plan_name", ["gpu", "dry"])
+def test_a_plan_names_only_rows_and_models_its_profile_has(plan_name):
+    from benchmarks.settings import load_profile
+
+    plan = remote.load_plan(plan_name)
+    cost_profile, quality_profile = load_profile(plan["cost"]["profile"]), load_profile(plan["quality"]["profile"])
+    assert set(plan["cost"]["rows"]) <= set(cost_profile.cost)  # e.g. a row name with a comma, quoted in the YAML
+    assert set(plan["quality"]["models"]) - {"Pop"} <= set(quality_profile.quality)
+
+
 def test_collect_puts_the_pages_into_the_results_and_the_readme(dry, tmp_path):
     _, root, _ = dry
     readme = tmp_path / "README.md"

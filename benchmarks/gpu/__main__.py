@@ -63,6 +63,10 @@ def main(argv=None):
         sub.add_argument("--work", default=str(WORK_DIR))
         sub.add_argument("--plan", default="gpu")
         sub.add_argument("--out", default=os.environ.get("OUT") or None)
+    commands.choices["run"].add_argument("--seconds", type=float, default=None,
+                                         help="the run's seconds instead of the plan's (a lease with less time left)")
+    commands.choices["run"].add_argument("--steps", default="smoke,cost,quality",
+                                         help="the steps to run, in this order (e.g. cost,quality after a smoke passed)")
     collect_parser = commands.add_parser("collect", help="the pages a run brought back into benchmarks/results/")
     collect_parser.add_argument("directory")
     dry_parser = commands.add_parser("dry-run", help="pack with a stand-in, install and run on CPU")
@@ -82,7 +86,9 @@ def main(argv=None):
         from benchmarks.gpu import remote
 
         out = args.out or str(Path(args.work) / "out")
-        return getattr(remote, args.command)(args.kit, args.work, args.plan, out)
+        if args.command == "run":
+            return remote.run(args.kit, args.work, args.plan, out, seconds=args.seconds, steps=args.steps.split(","))
+        return remote.install(args.kit, args.work, args.plan, out)
     if args.command == "collect":
         return collect(args.directory)
     return dry_run(args.dir)

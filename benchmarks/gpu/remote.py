@@ -245,15 +245,23 @@ def join_gguf(work, kit, manifest):
     return gguf
 
 
-def run(kit, work, plan_name, out):
-    """Call 2: part 2 verified, the GGUF joined and checked, then smoke, cost and quality inside the plan's seconds.
-    Returns the exit status."""
+RUN_STEPS = ("smoke", "cost", "quality")
+
+
+def run(kit, work, plan_name, out, seconds=None, steps=RUN_STEPS):
+    """Call 2: part 2 verified, the GGUF joined and checked, then `steps` (smoke, cost and quality) inside the plan's
+    seconds (or `seconds`, each step's share cut to what is left). Returns the exit status."""
     start = time.monotonic()
     work, out = Path(work), Path(out)
     log = Log(out / "gpu-run.log")
     rows = []
     try:
+        unknown = sorted(set(steps) - set(RUN_STEPS))
+        if unknown:
+            raise KitError(f"no step {unknown} in call 2: use some of {', '.join(RUN_STEPS)}")
         plan = load_plan(plan_name)
+        if seconds is not None:
+            plan["seconds"] = seconds
         deadline = start + plan["seconds"]
         state_file = work / "installed.json"
         if not state_file.is_file():
@@ -270,7 +278,7 @@ def run(kit, work, plan_name, out):
                  "result": f"{gguf.name}, {gguf.stat().st_size / 2**20:.1f} MiB, sha256 as packed"
                            + (" (the dry run's stand-in: checked, not loaded)" if manifest["stand_in"] else "")})
     env = step_env(work, manifest)
-    for name in ("smoke", "cost", "quality"):
+    for name in steps:
         seconds = min(plan[name]["seconds"], deadline - time.monotonic() - REPORT_RESERVE_S)
         if seconds < MIN_STEP_S:
             rows.append({"step": name, "status": "skipped", "seconds": 0,

@@ -190,13 +190,14 @@ def layer_prefix_cache(decoder, prefix) -> DynamicCache:
 
 def _prefix_keys_values(block, prefix):
     """One decoder block's keys and values [B, kv_heads, P, head_dim] of the prefix vectors [B, P, d_llm]."""
-    device = next(block.parameters()).device
+    weight = next(block.parameters())
+    device = weight.device
     if device.type == "meta":  # its weights come in only for the block's own forward
         raise RecBoleLLMError(
             "deep_prefix reads every layer's key/value maps, and llm_device_map offloads a layer to the CPU or "
             "disk: keep every layer on a GPU, or set deep_prefix=False"
         )
-    prefix = prefix.to(device)  # an LLM spread over GPUs (llm_device_map)
+    prefix = prefix.to(device, weight.dtype)  # an LLM spread over GPUs (llm_device_map), held in bf16 (llm_dtype)
     if hasattr(block, "input_layernorm") and hasattr(getattr(block, "self_attn", None), "k_proj"):  # Llama, Qwen, ...
         attention = block.self_attn
         states = block.input_layernorm(prefix)
