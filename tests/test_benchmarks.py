@@ -3,12 +3,12 @@ with sane numbers, and update_readme.py puts the pages into a README's Results s
 
 import csv
 import os
-
-import pytest
-
 import re
 
-from benchmarks import ablations, cold, cost, curves, quality
+import pytest
+import torch
+
+from benchmarks import ablations, cold, cost, curves, limits, quality
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import TESTS_DIR, module_workdir
@@ -27,6 +27,7 @@ def out(tmp_path_factory):
         cost.main(arguments)
         curves.main(arguments)
         cold.main(arguments)
+        limits.main(arguments)
         ablations.main([*arguments, f"--checkpoint_dir={workdir / 'saved'}"])
         yield workdir / "results"
 
@@ -46,12 +47,14 @@ def number(text):
     return float(text.replace(",", ""))
 
 
-def assert_page(out, stem, expected_rows):
-    assert out.joinpath(f"{stem}.png").read_bytes().startswith(PNG_SIGNATURE)
+def assert_page(out, stem, expected_rows, figure=True):
     page = out.joinpath(f"{stem}.md").read_text()
     stamp = ["**Machine**", "**Versions**: Python 3.", "torch 2.", "recbole 1.2.1", "**Seed** 2020", "load average"]
     assert all(line in page for line in stamp)
-    assert f"![" in page and f"]({stem}.png)" in page and "llm_path: tiny-llama" in page  # figure, then the profile
+    assert "llm_path: tiny-llama" in page  # the profile
+    if figure:
+        assert out.joinpath(f"{stem}.png").read_bytes().startswith(PNG_SIGNATURE)
+        assert f"![" in page and f"]({stem}.png)" in page
     for label in expected_rows:
         assert f"| {label} |" in page
 
@@ -104,6 +107,25 @@ def test_cost_has_a_row_per_run_with_sane_figures(out):
         assert row["llm"].startswith("tiny-llama, float32")
     assert rows["SASRec"]["llm share"] == "" and rows["SASRec"]["llm"] == ""
     assert_page(out, "cost-smoke", rows)
+
+
+def test_limits_set_each_llm_pass_against_the_matmul_rate_of_its_dtype(out):
+    rows = read_rows(out / "limits-smoke.csv")
+    matmuls = {(row["shape"], row["dtype"]): number(row["GFLOP/s"]) for row in rows if row["kind"] == "matmul"}
+    assert {("all", "float32"), ("all", "bfloat16")} <= set(matmuls) and all(rate > 0 for rate in matmuls.values())
+    passes = {row["pass"]: row for row in rows if row["kind"] == "pass"}
+    assert list(passes) == ["item matrix (Laser)", "training step (Laser)", "training step (RSLLM, unified)",
+                            "generation (RSLLM)"]
+    decoder = load_llm("tiny-llama").model.get_decoder()
+    linear_weights = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    for name, row in passes.items():
+        tokens, flops = number(row["tokens"]), number(row["GFLOP"]) * 1e9
+        assert row["dtype"] == "float32" and number(row["matmul GFLOP/s"]) == matmuls[("all", "float32")]
+        assert number(row["GFLOP/s"]) == pytest.approx(number(row["GFLOP"]) / number(row["seconds"]))
+        assert number(row["tokens/s"]) == pytest.approx(tokens / number(row["seconds"]))
+        passes_per_token = 2 if name.startswith("training") else 1  # frozen weights: a backward's input gradients
+        assert flops >= 2 * linear_weights * tokens * passes_per_token * 0.99, name  # every unpadded token's maps
+    assert_page(out, "limits-smoke", [], figure=False)
 
 
 def test_cold_has_a_row_per_run_with_metrics_on_the_users_of_cold_targets(out):
