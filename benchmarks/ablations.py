@@ -37,6 +37,7 @@ def main(argv=None):
     own, _ = split_arguments(argv, own_keys=("profile", "out", "models"))
     profile, out, stamp = benchmark_settings("ablations", [a for a in argv if not a.startswith("--models=")])
     plan = ablation_plan(profile)
+    stamp.seeds = plan["seeds"]
     chosen = own["models"].split(",") if "models" in own else list(plan["models"])
     runs_dir = out / f"ablations-{profile.name}-runs"
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,11 @@ class Stamp:
         self.started = datetime.now(timezone.utc)
         self.load_before = os.getloadavg()[0]
         self.revision = git_revision()  # before the benchmark writes its own files into the checkout
+        self.seeds = profile.seeds  # the seeds its runs used (a benchmark with its own sets them)
+
+    def seed_text(self):
+        seeds = self.seeds or [self.profile.config.get("seed", 2020)]
+        return f"**Seed{'s' * (len(seeds) > 1)}** {', '.join(map(str, seeds))}"
 
     def lines(self, gpu_name=None):
         """The stamp as Markdown lines; gpu_name is the GPU the runs used (None: CPU only)."""
@@ -57,7 +62,7 @@ class Stamp:
             f"{self.load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
             f"- **Versions**: Python {platform.python_version()}, {versions}, recbole_llm at "
             f"{self.revision or 'an unknown commit'}",
-            f"- **Seed** {self.profile.config.get('seed', 2020)}, dataset {self.profile.dataset}, "
+            f"- {self.seed_text()}, dataset {self.profile.dataset}, "
             f"profile `{self.profile.name}`: `{self.command}`",
         ]
 

@@ -178,6 +178,7 @@ def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["valid NDCG@10"])
     page = out.joinpath("ablations-smoke.md").read_text()
     assert "| Laser | deep_prefix: False | 2020,2021 |" in page and "Holm" in page and "**Machine**" in page
+    assert "- **Seeds** 2020, 2021, dataset ml-100k-tiny" in page  # the stamp names every seed the runs used
 
 
 def test_ablations_go_on_from_the_runs_they_kept(ablation_arguments, monkeypatch):
