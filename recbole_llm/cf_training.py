@@ -32,6 +32,7 @@ NOT_IN_CACHE_KEY = {
     "wandb_project", "eval_batch_size", "save_dataset", "dataset_save_path", "save_dataloaders",
     "dataloaders_save_path", "single_spec", "local_rank", "resume", "resume_checkpoint", "trust_checkpoint",
     "nproc", "world_size", "ip", "port", "offset", "ddp_timeout",  # how a run is spread, not what the model learns
+    "detect_anomaly",  # a check on training, not a change to it
     "item_text_fields", "item_text_template",  # the LLM models' item text, in a dataset's YAML
 }
 

@@ -126,7 +126,8 @@ class SafeCheckpointMixin:
                 return self.best_valid_score, self.best_valid_result
         if saved:
             self.logger.info(f"state after every epoch: {self.last_checkpoint_file} (--resume=FILE continues from it)")
-        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        with torch.autograd.set_detect_anomaly(bool(self.config["detect_anomaly"])):
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         self._save_last_checkpoint(self._epoch, finished=True)
         return result
 
@@ -179,7 +180,8 @@ class SafeCheckpointMixin:
         kept = f"the last good checkpoints are kept: {', '.join(kept)}" if kept else "no checkpoint was written before"
         return RecBoleLLMError(
             f"the training loss became nan or inf at {where}, so training stopped; {kept}; "
-            f"lower learning_rate (now {self.learning_rate}) or set clip_grad_norm (e.g. {{'max_norm': 1.0}})"
+            f"lower learning_rate (now {self.learning_rate}) or set clip_grad_norm (e.g. {{'max_norm': 1.0}}); "
+            f"--detect_anomaly=True names the operation that made it"
         )
 
     @contextmanager

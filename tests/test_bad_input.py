@@ -23,6 +23,7 @@ from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.llm.backbone import RANDOM_CONFIGS, clear_llm_cache
 from recbole_llm.model.sequential_recommender.laser import REFRESHED_ITEMS, Laser
+from recbole_llm.trainer import LLMTrainer
 from run_recbole_llm import main
 
 pytestmark = pytest.mark.usefixtures("workdir")
@@ -197,6 +198,7 @@ def test_a_bad_setting_fails_before_the_cf_model_trains(cli, tmp_path, model):
         ("RSLLM", {"candidate_template": " Pick one:"}, "must contain {candidates}"),
         ("Laser", {"prompt_item_marker": " >> item"}, "prompt_item_marker is ' >> item': it must hold {index} once"),
         ("Laser", {"item_text_template": "a movie"}, "item_text_template 'a movie' has no placeholder"),
+        ("RSLLM", {"detect_anomaly": "yes"}, "detect_anomaly is 'yes': it must be True or False"),
     ],
 )
 def test_prompt_templates_missing_their_placeholder(cli, model, setting, fragment):
@@ -229,6 +231,20 @@ def test_resume_from_a_checkpoint_of_another_model_or_dataset(cli, cf_checkpoint
 
 
 # ---- During training and evaluation ----------------------------------------------------------------------------
+
+
+def test_detect_anomaly_names_the_operation_whose_backward_made_a_nan(tmp_path, cf_checkpoint, monkeypatch):
+    calculate_loss = Laser.calculate_loss
+
+    def nan_gradient(self, interaction):  # finite loss, nan gradient: 0 * d/dx sqrt(x) at 0 = 0 * inf
+        losses = calculate_loss(self, interaction)
+        return (losses[0] + 0 * (self.suffix_tokens.sum() * 0).sqrt(), losses[1])
+
+    monkeypatch.setattr(Laser, "calculate_loss", nan_gradient)
+    run = tiny_run("Laser", tmp_path, cf_checkpoint=cf_checkpoint, detect_anomaly=True)
+    with pytest.raises(RuntimeError, match="Function 'SqrtBackward0' returned nan values"):
+        LLMTrainer(run.config, run.build()).fit(run.train_data, saved=False)
+    assert not torch.is_anomaly_enabled()  # on for the fit only
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoints(cli, tmp_path, monkeypatch):

@@ -71,6 +71,7 @@ class LLMSequentialRecommender(SequentialRecommender):
             require(config, key, is_int(config[key]) and config[key] > 0, "it must be a positive integer")
         for key in ("stage1_epochs", "stage2_epochs"):
             require(config, key, is_int(config[key]) and config[key] >= 0, "use 0 to skip the stage, or more")
+        require(config, "detect_anomaly", isinstance(config["detect_anomaly"], bool), "it must be True or False")
         layers = config["llm_layers"]
         require(config, "llm_layers", layers is None or is_int(layers) and layers > 0,
                 "it must be a positive number of layers, or None for all of them")
