@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from benchmarks import ablations, cold, cost, curves, limits, quality
+from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_picks
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
-from conftest import TESTS_DIR, module_workdir
+from conftest import RSLLM_SIZES, TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
 
@@ -207,3 +207,29 @@ def test_the_synthetic_catalog_is_deterministic_and_loads_in_recbole(tmp_path):
     top = sum(count for _, count in dataset.item_counter.most_common(30))
     assert top / dataset.inter_num > 0.25
     assert dataset.field2type["title"].name == "TOKEN_SEQ"
+
+
+def test_rsllm_picks_read_the_model_with_its_id_slots_as_trained_zeroed_and_shuffled(out, cf_checkpoint):
+    from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
+
+    config_dict = tiny_config(out.parent / "picks", **RSLLM_SIZES, cf_checkpoint=cf_checkpoint)
+    checkpoint = run_recbole_llm("RSLLM", TINY_DATASET, config_dict=config_dict)["saved_model_file"]
+    rows = rsllm_picks.main([f"--checkpoint={checkpoint}", "--users=24", "--profile=smoke", f"--out={out}"])
+
+    assert [row["variant"] for row in rows] == list(rsllm_picks.VARIANTS)
+    for row in rows:
+        assert 0 <= row["hr@1_ranked"] <= 1 and 0 <= row["valid_ratio"] <= 1
+        assert 0 <= row["likeliest first"] <= row["likeliest top position"] <= 1  # shares of the 24 users' picks
+    assert all(re.fullmatch(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( \*)?", row["Δ hr@1_ranked vs as trained"])
+               for row in rows[1:])
+    _, model, _, _, _, test_data = load_data_and_model(checkpoint)
+    items = test_data.dataset.inter_feat[model.ITEM_SEQ][:4].to(model.device)
+    trained = model.id_slots(items, "unified")
+    with rsllm_picks.slots_as(model, "ID slots zeroed", 2020):
+        assert model.id_slots(items, "unified").abs().sum() == 0
+    with rsllm_picks.slots_as(model, "ID slots shuffled", 2020) as shuffled:
+        assert torch.equal(model.id_slots(items, "unified"),
+                           type(model).id_slots(model, shuffled.permutation[items], "unified"))  # another item's ID
+        assert not torch.equal(model.id_slots(items, "unified"), trained)
+    assert torch.equal(model.id_slots(items, "unified"), trained)  # the model's own again
+    assert "| ID slots shuffled |" in out.joinpath("rsllm-picks-ml-100k-tiny.md").read_text()
