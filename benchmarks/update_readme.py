@@ -13,7 +13,7 @@ from recbole_llm.errors import RecBoleLLMError
 BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme` from benchmarks/results/ -->"
 END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "cpu-long", "gpu")
-BENCHMARKS = {"cpu": ("quality", "cost", "limits", "cold", "ablations"), "cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
+BENCHMARKS = {"cpu": ("quality", "cost", "limits", "scale", "cold", "ablations"), "cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
 OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_picks
+from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_picks, scale
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import RSLLM_SIZES, TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
@@ -28,6 +28,7 @@ def out(tmp_path_factory):
         curves.main(arguments)
         cold.main(arguments)
         limits.main(arguments)
+        scale.main(arguments)
         ablations.main([*arguments, f"--checkpoint_dir={workdir / 'saved'}"])
         yield workdir / "results"
 
@@ -126,6 +127,20 @@ def test_limits_set_each_llm_pass_against_the_matmul_rate_of_its_dtype(out):
         passes_per_token = 2 if name.startswith("training") else 1  # frozen weights: a backward's input gradients
         assert flops >= 2 * linear_weights * tokens * passes_per_token * 0.99, name  # every unpadded token's maps
     assert_page(out, "limits-smoke", [], figure=False)
+
+
+def test_scale_measures_each_model_on_each_catalog_and_fits_the_growth(out):
+    rows = read_rows(out / "scale-smoke.csv")
+    assert [(row["model"], row["items"]) for row in rows] == [
+        ("Laser", "60"), ("RSLLM", "60"), ("Laser", "120"), ("RSLLM", "120")]
+    for row in rows:
+        assert all(number(row[key]) > 0 for key in scale.COSTS)
+        assert number(row["peak memory (MB)"]) >= number(row["peak memory after the item pass (MB)"])
+    laser = [number(row["checkpoint (MB)"]) for row in rows if row["model"] == "Laser"]
+    assert laser[1] > laser[0]  # Laser's checkpoint holds its item matrix: a row per item
+    page = out.joinpath("scale-smoke.md").read_text()
+    assert "**Growth with the catalog**" in page and "item pass slope" in page
+    assert_page(out, "scale-smoke", ["Laser", "RSLLM"])
 
 
 def test_cold_has_a_row_per_run_with_metrics_on_the_users_of_cold_targets(out):
