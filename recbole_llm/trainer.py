@@ -364,7 +364,6 @@ class LLMTrainer(Trainer):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         total_loss = None  # summed on the device: no host sync per step
         first_non_finite = torch.tensor(n_batches, device=self.device)  # index of the first nan/inf loss, if any
-        non_finite_terms = None  # which loss terms were nan/inf (train_loss1, ...): where to look
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
@@ -378,7 +377,6 @@ class LLMTrainer(Trainer):
                 (loss / self.grad_accum_steps).backward()
             total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
             first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
-            non_finite_terms = ~loss_terms.isfinite() | (False if non_finite_terms is None else non_finite_terms)
             if optimizer_step:
                 if self.clip_grad_norm:
                     clip_grad_norm_(parameters, **self.clip_grad_norm)
@@ -387,16 +385,18 @@ class LLMTrainer(Trainer):
                 self.optimizer.zero_grad()
             if show_progress and batch_idx % 10 == 0:
                 batches.set_postfix(loss=f"{loss.item():.4f}")
-                self._stop_on_non_finite_loss(first_non_finite, n_batches, non_finite_terms)  # the host waits anyway
+                self._stop_on_non_finite_loss(first_non_finite, n_batches, total_loss)  # the host waits here anyway
             if last_batch:
                 break  # a capped epoch: the shuffled loader gives a different subset each epoch
-        self._stop_on_non_finite_loss(first_non_finite, n_batches, non_finite_terms)
+        self._stop_on_non_finite_loss(first_non_finite, n_batches, total_loss)
         epoch_losses = total_loss.tolist()
         return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]
 
-    def _stop_on_non_finite_loss(self, first_non_finite, n_batches, non_finite_terms):
+    def _stop_on_non_finite_loss(self, first_non_finite, n_batches, summed_terms):
+        """summed_terms: the epoch's running sum of each loss term, which stays nan/inf once a term was."""
         batch_idx = int(first_non_finite)
         if batch_idx < n_batches:
+            non_finite_terms = ~summed_terms.isfinite()
             terms = [f"train_loss{index + 1}" for index in non_finite_terms.nonzero().flatten().tolist()]
             of_terms = f" ({', '.join(terms)} of {len(non_finite_terms)})" if len(non_finite_terms) > 1 else ""
             raise self._non_finite_loss_error(
