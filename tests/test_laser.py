@@ -369,6 +369,55 @@ def test_item_matrix_is_computed_once_per_stage1_epoch_and_evaluation_and_never_
     assert torch.equal(model.item_matrix, frozen_matrix)  # no gradient, no refresh in stage 2
 
 
+def fixed_users(model, interaction):
+    """The batch's user embeddings, computed once and detached: the loss then reaches the trainable weights through
+    the item side alone."""
+    with torch.no_grad():
+        users, _ = model.user_embedding(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
+    return lambda item_seq, item_len: (users, None)
+
+
+@pytest.mark.parametrize("item_grad_negatives, item_side_learns", [(0, False), (5, True)])
+def test_stage1_with_item_grad_negatives_trains_the_item_side(tiny, batch, monkeypatch, item_grad_negatives,
+                                                               item_side_learns):
+    model = tiny.build(item_grad_negatives=item_grad_negatives, embedding_head="none", cold_item_ratio=0.3)
+    model.begin_stage(REFRESHED_ITEMS)
+    model.train()
+    model.begin_epoch(0)
+    held = model.item_matrix.clone()
+    monkeypatch.setattr(model, "user_embedding", fixed_users(model, batch))
+    next_item_loss, _ = model.calculate_loss(batch)
+    assert next_item_loss.requires_grad == item_side_learns  # without it, nothing trainable reaches the loss
+    if item_side_learns:
+        next_item_loss.backward()
+        assert model.mformer.prefix_map.weight.grad.abs().sum() > 0 and model.suffix_tokens.grad.abs().sum() > 0
+
+    rewritten = (model.item_matrix != held).any(1).nonzero().squeeze(1)  # rows the batch wrote into the held matrix
+    if not item_side_learns:
+        assert len(rewritten) == 0
+        return
+    next_items = batch[model.POS_ITEM_ID]
+    assert set(next_items.tolist()) <= set(rewritten.tolist())  # every positive row written now
+    assert len(rewritten) <= len(set(next_items.tolist())) + item_grad_negatives
+    drawn = rewritten[~torch.isin(rewritten, next_items)]  # (this batch was loaded before the model drew cold items)
+    assert len(drawn) > 0 and not model.is_cold_item[drawn].any()  # negatives are drawn among the warm items
+    assert torch.allclose(model.item_matrix[rewritten].norm(dim=1), torch.ones(len(rewritten)))
+
+
+def test_item_grad_negatives_leave_stage2_and_evaluation_alone(tiny, batch):
+    model = tiny.build(item_grad_negatives=5, stage1_epochs=0)
+    model.begin_stage(FROZEN_ITEMS)
+    model.train()
+    frozen = model.item_matrix.clone()
+    model.calculate_loss(batch)[0].backward()
+    assert torch.equal(model.item_matrix, frozen) and model.suffix_tokens.grad is not None
+
+
+def test_item_grad_negatives_must_be_a_count(tiny):
+    with pytest.raises(RecBoleLLMError, match="item_grad_negatives"):
+        tiny.build(item_grad_negatives=-1)
+
+
 def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_items(tiny, monkeypatch):
     model = tiny.build(stage1_epochs=0, stage2_epochs=1)
     events = record_item_matrix_calls(model, monkeypatch)
@@ -413,6 +462,7 @@ def test_a_reloaded_stage2_checkpoint_scores_identically_without_recomputing_ite
         {"cf_model": "BERT4Rec"},
         {"embedding_head": "none", "center_embeddings": False},  # the paper's scoring (laser_paper.yaml)
         {"deep_prefix": False},  # the paper's input prefix
+        {"item_grad_negatives": 3},  # the authors' stage "2-1"
     ],
     ids=lambda ablation: ",".join(f"{k}={v}" for k, v in ablation.items()) or "laser",
 )

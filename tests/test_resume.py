@@ -22,14 +22,17 @@ SETTINGS = {
     "Laser": {**LASER_SIZES, "stage1_epochs": 2, "stage2_epochs": 2},
     "RSLLM": {**RSLLM_SIZES, "stage1_epochs": 1, "stage2_epochs": 2},
     "SASRec": {"epochs": 3},
+    "Laser with item_grad_negatives": {**LASER_SIZES, "stage1_epochs": 2, "stage2_epochs": 2, "item_grad_negatives": 3},
 }
 MODEL_CLASSES = {"Laser": Laser, "RSLLM": RSLLM, "SASRec": SASRec}
 
 pytestmark = pytest.mark.usefixtures("workdir")
 
 
-def run(model, checkpoint_root, cf_checkpoint, **overrides):
-    settings = {**SETTINGS[model], **({"cf_checkpoint": cf_checkpoint} if model != "SASRec" else {}), **overrides}
+def run(label, checkpoint_root, cf_checkpoint, **overrides):
+    """The run of SETTINGS[label]: the model its label starts with."""
+    model = label.split()[0]
+    settings = {**SETTINGS[label], **({"cf_checkpoint": cf_checkpoint} if model != "SASRec" else {}), **overrides}
     return run_recbole_llm(model=model, dataset=TINY_DATASET, config_dict=tiny_config(checkpoint_root, **settings))
 
 
@@ -99,6 +102,7 @@ def last_of(best_file):
     "model, stage, epoch, written_before",
     [
         ("Laser", REFRESHED_ITEMS, 1, False),  # within stage 1: the item matrix of the last validation goes on
+        ("Laser with item_grad_negatives", REFRESHED_ITEMS, 1, False),  # the same draws of items written with gradient
         ("Laser", FROZEN_ITEMS, 1, False),  # within stage 2: the frozen item matrix comes back from the checkpoint
         ("RSLLM", UNIFIED, 0, False),  # at the start of stage 2: stage 1 is over, stage 2 starts from the best weights
         ("Laser", FROZEN_ITEMS, 1, True),  # a resume point as recbole_llm wrote it before: resumed with consent
@@ -109,7 +113,7 @@ def test_interrupted_then_resumed_run_ends_as_the_uninterrupted_one(
 ):
     expected = uninterrupted(model)
     with monkeypatch.context() as patch:
-        interrupt_at(patch, MODEL_CLASSES[model], stage, epoch)
+        interrupt_at(patch, MODEL_CLASSES[model.split()[0]], stage, epoch)
         with pytest.raises(KeyboardInterrupt):
             run(model, tmp_path, cf_checkpoint)
     checkpoint_dir = tmp_path / "saved"

@@ -4,7 +4,9 @@ A frozen LLM reads each user's history as a prompt, between a learned **prefix**
 CF encoder's states and a learned **suffix** token. The LLM's last-layer output at the suffix is the user's
 embedding; an item's embedding is the same for the item written as a one-item history. Users score every item by
 cosine / tau. Training runs in two stages: (1) the item matrix is recomputed at the start of every epoch while the
-user side trains against it, (2) the best item matrix is frozen and training goes on.
+user side trains against it (with ``item_grad_negatives``, the batch's next items and sampled ones are written again
+with gradient, so the item side trains too: the authors' stage "2-1"), (2) the best item matrix is frozen and
+training goes on.
 
 Beyond the paper, for small LLMs whose outputs all point one way (SmolLM2-135M: items' mean pairwise cosine 0.976,
 so cosine / tau cannot tell items apart): ``center_embeddings`` compares users and items after subtracting the mean
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_llm.errors import require
+from recbole_llm.errors import is_int, require
 from recbole_llm.llm.backbone import last_hidden_states, llm_decoder, llm_from_config
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
@@ -50,6 +52,7 @@ class Laser(LLMSequentialRecommender):
         self.center_embeddings = config["center_embeddings"]
         self.deep_prefix = bool(config["deep_prefix"])  # None: a checkpoint from before the setting, input tokens
         self.moe_balance_weight = config["moe_balance_weight"]
+        self.item_grad_negatives = config["item_grad_negatives"] or 0  # None: a checkpoint from before the setting
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
         item_texts = item_texts_from_config(config, dataset)
         if self.reads_cf_model(config):  # first: a checkpoint that does not fit fails before the LLM loads
@@ -129,6 +132,9 @@ class Laser(LLMSequentialRecommender):
         require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
         require(config, "center_embeddings", isinstance(config["center_embeddings"], bool), "use True or False")
         require(config, "deep_prefix", config["deep_prefix"] in (True, False, None), "use True or False")
+        negatives = config["item_grad_negatives"]
+        require(config, "item_grad_negatives", negatives is None or is_int(negatives) and negatives >= 0,
+                "use 0 (no item written with gradient) or a number of sampled items")
 
     @classmethod
     def reads_cf_model(cls, config):
@@ -209,26 +215,29 @@ class Laser(LLMSequentialRecommender):
 
     # ---- Scores: cosine / tau, in the space the switches beyond the paper make ---------------------------------
 
-    def compared(self, unit_rows):
-        """Unit-norm embeddings [N, d] as they are compared: centred on the mean item row and mapped by the
-        embedding head when those switches are on, renormalised. The paper's Laser: unchanged."""
+    def compared(self, unit_rows, item_matrix=None):
+        """Unit-norm embeddings [N, d] as they are compared: centred on the mean row of the item matrix (the held one
+        unless given) and mapped by the embedding head when those switches are on, renormalised. The paper's Laser:
+        unchanged."""
         if not self.center_embeddings and self.embedding_head is None:
             return unit_rows
         if self.center_embeddings:
-            unit_rows = unit_rows - self.item_matrix[1:].mean(0)
+            unit_rows = unit_rows - (self.item_matrix if item_matrix is None else item_matrix)[1:].mean(0)
         if self.embedding_head is not None:
             unit_rows = self.embedding_head(unit_rows)
         return F.normalize(unit_rows, dim=-1)
 
-    def compared_users(self, user_embedding):
+    def compared_users(self, user_embedding, item_matrix=None):
         """User embeddings [B, d_llm] as they are compared with the item rows: unit norm, fp32, then `compared`."""
-        return self.compared(F.normalize(user_embedding.float(), dim=-1))
+        return self.compared(F.normalize(user_embedding.float(), dim=-1), item_matrix)
 
-    def scores(self, user_embedding):
-        """cos(h_u, h_i) / tau [B, n_items] over all items; the padding item is never a candidate. In fp32, also
-        under bf16 autocast (whose steps at |logit| ~ 20 are 0.125)."""
+    def scores(self, user_embedding, item_matrix=None):
+        """cos(h_u, h_i) / tau [B, n_items] over all items of the item matrix (the held one unless given); the
+        padding item is never a candidate. In fp32, also under bf16 autocast (whose steps at |logit| ~ 20 are 0.125)."""
+        item_matrix = self.item_matrix if item_matrix is None else item_matrix
         with torch.autocast(user_embedding.device.type, enabled=False):
-            scores = self.compared_users(user_embedding) @ self.compared(self.item_matrix).T / self.tau  # [B, n_items]
+            users = self.compared_users(user_embedding, item_matrix)
+            scores = users @ self.compared(item_matrix, item_matrix).T / self.tau  # [B, n_items]
         scores[:, 0] = float("-inf")
         return scores
 
@@ -248,6 +257,22 @@ class Laser(LLMSequentialRecommender):
     def begin_epoch(self, epoch_idx):
         if self.stage == REFRESHED_ITEMS:
             self.refresh_item_matrix()
+
+    def item_side_trains(self):
+        """Whether the batch's items are written with gradient: in stage 1 with item_grad_negatives > 0."""
+        return self.stage == REFRESHED_ITEMS and self.item_grad_negatives > 0
+
+    def with_rows_written_now(self, next_items):
+        """The item matrix with the rows of the batch's next items [B] and of item_grad_negatives warm items drawn
+        for the batch written by the LLM now, with gradient (the authors' stage "2-1"): the item side -- the items'
+        prefix, the suffix -- learns, and the positive row moves with the weights instead of waiting for the next
+        refresh. The held matrix keeps these rows, detached, so the items a batch has seen stay current."""
+        warm_items = (~self.is_cold_item[1:]).nonzero().squeeze(1) + 1  # [n_warm], id 0 is padding
+        drawn = warm_items[torch.randint(len(warm_items), (self.item_grad_negatives,), device=warm_items.device)]
+        items = torch.unique(torch.cat([next_items, drawn]))  # [N]
+        rows = F.normalize(self.item_embedding(items).float(), dim=-1)  # [N, d_llm]
+        self.item_matrix.index_copy_(0, items, rows.detach())
+        return self.item_matrix.index_copy(0, items, rows)  # [n_items, d_llm], gradient through the written rows
 
     def begin_evaluation(self):
         if self.stage != FROZEN_ITEMS:
@@ -270,8 +295,10 @@ class Laser(LLMSequentialRecommender):
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
-        scores = self.without_cold_items(self.scores(user_embedding))  # [B, n_items]
-        next_item_loss = F.cross_entropy(scores, interaction[self.POS_ITEM_ID])
+        next_items = interaction[self.POS_ITEM_ID]  # [B]
+        item_matrix = self.with_rows_written_now(next_items) if self.item_side_trains() else self.item_matrix
+        scores = self.without_cold_items(self.scores(user_embedding, item_matrix))  # [B, n_items]
+        next_item_loss = F.cross_entropy(scores, next_items)
         balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
         return next_item_loss, self.moe_balance_weight * balance_loss
 
