@@ -134,6 +134,10 @@ def test_cf_checkpoint_with_another_hidden_size(cli):
     assert "has hidden size 32 but cf_hidden_size is 64: set cf_hidden_size=32" in cli(cf_hidden_size=64)
 
 
+def test_mmap_threshold_that_is_not_a_size(cli):
+    assert "mmap_threshold_mb is 'lots': use a size in MB (e.g. 1)" in cli(model="SASRec", mmap_threshold_mb="lots")
+
+
 def test_llm_path_that_does_not_exist(cli, tmp_path):
     assert f"llm_path '{tmp_path}/no-such-model' does not exist" in cli(llm_path=str(tmp_path / "no-such-model"))
 

@@ -377,31 +377,45 @@ def fixed_users(model, interaction):
     return lambda item_seq, item_len: (users, None)
 
 
-@pytest.mark.parametrize("item_grad_negatives, item_side_learns", [(0, False), (5, True)])
+@pytest.mark.parametrize("item_grad_negatives, item_grad_scores", [(0, "sampled"), (5, "sampled"), (5, "matrix")])
 def test_stage1_with_item_grad_negatives_trains_the_item_side(tiny, batch, monkeypatch, item_grad_negatives,
-                                                               item_side_learns):
-    model = tiny.build(item_grad_negatives=item_grad_negatives, embedding_head="none", cold_item_ratio=0.3)
+                                                               item_grad_scores):
+    model = tiny.build(item_grad_negatives=item_grad_negatives, item_grad_scores=item_grad_scores,
+                       embedding_head="none", cold_item_ratio=0.3, mformer_dropout=0.0)
     model.begin_stage(REFRESHED_ITEMS)
     model.train()
     model.begin_epoch(0)
     held = model.item_matrix.clone()
     monkeypatch.setattr(model, "user_embedding", fixed_users(model, batch))
+    written = []
+    monkeypatch.setattr(model, "item_embedding", lambda items, _embed=model.item_embedding: (
+        written.append(items), _embed(items))[1])
     next_item_loss, _ = model.calculate_loss(batch)
+    item_side_learns = item_grad_negatives > 0
     assert next_item_loss.requires_grad == item_side_learns  # without it, nothing trainable reaches the loss
-    if item_side_learns:
-        next_item_loss.backward()
-        assert model.mformer.prefix_map.weight.grad.abs().sum() > 0 and model.suffix_tokens.grad.abs().sum() > 0
-
-    rewritten = (model.item_matrix != held).any(1).nonzero().squeeze(1)  # rows the batch wrote into the held matrix
     if not item_side_learns:
-        assert len(rewritten) == 0
+        assert written == [] and torch.equal(model.item_matrix, held)
         return
+    next_item_loss.backward()
+    assert model.mformer.prefix_map.weight.grad.abs().sum() > 0 and model.suffix_tokens.grad.abs().sum() > 0
+    [items] = written
     next_items = batch[model.POS_ITEM_ID]
-    assert set(next_items.tolist()) <= set(rewritten.tolist())  # every positive row written now
-    assert len(rewritten) <= len(set(next_items.tolist())) + item_grad_negatives
-    drawn = rewritten[~torch.isin(rewritten, next_items)]  # (this batch was loaded before the model drew cold items)
+    drawn = items[~torch.isin(items, next_items)]  # (this batch was loaded before the model drew cold items)
+    assert set(next_items.tolist()) <= set(items.tolist()) and len(items) <= len(set(next_items.tolist())) + 5
     assert len(drawn) > 0 and not model.is_cold_item[drawn].any()  # negatives are drawn among the warm items
-    assert torch.allclose(model.item_matrix[rewritten].norm(dim=1), torch.ones(len(rewritten)))
+
+    rewritten = (model.item_matrix != held).any(1).nonzero().squeeze(1)
+    if item_grad_scores == "matrix":  # the held matrix keeps the written rows
+        assert torch.equal(rewritten, items)
+        assert torch.allclose(model.item_matrix[items].norm(dim=1), torch.ones(len(items)))
+    else:  # the loss ranks the written items alone: the held matrix is the epoch's
+        assert len(rewritten) == 0
+        model.zero_grad()
+        with torch.no_grad():
+            rows = F.normalize(Laser.item_embedding(model, items).float(), dim=-1)
+            users = model.compared_users(model.user_embedding(None, None)[0])
+            expected = F.cross_entropy(users @ model.compared(rows).T / model.tau, torch.searchsorted(items, next_items))
+        assert next_item_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_item_grad_negatives_leave_stage2_and_evaluation_alone(tiny, batch):

@@ -34,6 +34,7 @@ from recbole_llm.model.layers import MFormer
 PREFIX_MODES = ("mformer", "free", "none")
 ITEM_PREFIXES = ("mformer", "none", "warm_items")
 EMBEDDING_HEADS = ("none", "linear")
+ITEM_GRAD_SCORES = ("sampled", "matrix")
 REFRESHED_ITEMS, FROZEN_ITEMS = "refreshed_items", "frozen_items"
 
 
@@ -53,6 +54,7 @@ class Laser(LLMSequentialRecommender):
         self.deep_prefix = bool(config["deep_prefix"])  # None: a checkpoint from before the setting, input tokens
         self.moe_balance_weight = config["moe_balance_weight"]
         self.item_grad_negatives = config["item_grad_negatives"] or 0  # None: a checkpoint from before the setting
+        self.item_grad_scores = config["item_grad_scores"] or "sampled"
         self.stage_epochs = (config["stage1_epochs"], config["stage2_epochs"])
         item_texts = item_texts_from_config(config, dataset)
         if self.reads_cf_model(config):  # first: a checkpoint that does not fit fails before the LLM loads
@@ -135,6 +137,8 @@ class Laser(LLMSequentialRecommender):
         negatives = config["item_grad_negatives"]
         require(config, "item_grad_negatives", negatives is None or is_int(negatives) and negatives >= 0,
                 "use 0 (no item written with gradient) or a number of sampled items")
+        require(config, "item_grad_scores", config["item_grad_scores"] in (*ITEM_GRAD_SCORES, None),
+                f"use one of {', '.join(ITEM_GRAD_SCORES)}")
 
     @classmethod
     def reads_cf_model(cls, config):
@@ -215,30 +219,30 @@ class Laser(LLMSequentialRecommender):
 
     # ---- Scores: cosine / tau, in the space the switches beyond the paper make ---------------------------------
 
-    def compared(self, unit_rows, item_matrix=None):
-        """Unit-norm embeddings [N, d] as they are compared: centred on the mean row of the item matrix (the held one
-        unless given) and mapped by the embedding head when those switches are on, renormalised. The paper's Laser:
-        unchanged."""
+    def compared(self, unit_rows):
+        """Unit-norm embeddings [N, d] as they are compared: centred on the mean item row and mapped by the
+        embedding head when those switches are on, renormalised. The paper's Laser: unchanged."""
         if not self.center_embeddings and self.embedding_head is None:
             return unit_rows
         if self.center_embeddings:
-            unit_rows = unit_rows - (self.item_matrix if item_matrix is None else item_matrix)[1:].mean(0)
+            unit_rows = unit_rows - self.item_matrix[1:].mean(0)
         if self.embedding_head is not None:
             unit_rows = self.embedding_head(unit_rows)
         return F.normalize(unit_rows, dim=-1)
 
-    def compared_users(self, user_embedding, item_matrix=None):
+    def compared_users(self, user_embedding):
         """User embeddings [B, d_llm] as they are compared with the item rows: unit norm, fp32, then `compared`."""
-        return self.compared(F.normalize(user_embedding.float(), dim=-1), item_matrix)
+        return self.compared(F.normalize(user_embedding.float(), dim=-1))
 
-    def scores(self, user_embedding, item_matrix=None):
-        """cos(h_u, h_i) / tau [B, n_items] over all items of the item matrix (the held one unless given); the
-        padding item is never a candidate. In fp32, also under bf16 autocast (whose steps at |logit| ~ 20 are 0.125)."""
-        item_matrix = self.item_matrix if item_matrix is None else item_matrix
+    def scores(self, user_embedding, item_rows=None):
+        """cos(h_u, h_i) / tau [B, n_items] over all items of the held item matrix, whose padding row is never a
+        candidate; or [B, N] over the unit-norm `item_rows` [N, d] given. In fp32, also under bf16 autocast (whose
+        steps at |logit| ~ 20 are 0.125)."""
+        rows = self.item_matrix if item_rows is None else item_rows
         with torch.autocast(user_embedding.device.type, enabled=False):
-            users = self.compared_users(user_embedding, item_matrix)
-            scores = users @ self.compared(item_matrix, item_matrix).T / self.tau  # [B, n_items]
-        scores[:, 0] = float("-inf")
+            scores = self.compared_users(user_embedding) @ self.compared(rows).T / self.tau  # [B, N]
+        if item_rows is None:
+            scores[:, 0] = float("-inf")
         return scores
 
     # ---- Two-stage training ----------------------------------------------------------------------------------
@@ -262,17 +266,27 @@ class Laser(LLMSequentialRecommender):
         """Whether the batch's items are written with gradient: in stage 1 with item_grad_negatives > 0."""
         return self.stage == REFRESHED_ITEMS and self.item_grad_negatives > 0
 
-    def with_rows_written_now(self, next_items):
-        """The item matrix with the rows of the batch's next items [B] and of item_grad_negatives warm items drawn
-        for the batch written by the LLM now, with gradient (the authors' stage "2-1"): the item side -- the items'
-        prefix, the suffix -- learns, and the positive row moves with the weights instead of waiting for the next
-        refresh. The held matrix keeps these rows, detached, so the items a batch has seen stay current."""
+    def items_written_now(self, next_items):
+        """The batch's next items [B] and item_grad_negatives warm items drawn for the batch, each once [N] (sorted),
+        and their unit-norm rows written by the LLM now, with gradient [N, d_llm]: the item side -- the items' prefix,
+        the suffix -- learns (the authors' stage "2-1")."""
         warm_items = (~self.is_cold_item[1:]).nonzero().squeeze(1) + 1  # [n_warm], id 0 is padding
         drawn = warm_items[torch.randint(len(warm_items), (self.item_grad_negatives,), device=warm_items.device)]
         items = torch.unique(torch.cat([next_items, drawn]))  # [N]
-        rows = F.normalize(self.item_embedding(items).float(), dim=-1)  # [N, d_llm]
+        return items, F.normalize(self.item_embedding(items).float(), dim=-1)
+
+    def scores_with_items_written_now(self, user_embedding, next_items):
+        """Training scores and targets when the item side trains. item_grad_scores sampled (the authors'): each
+        user's next item against the batch's other next items and the drawn ones, every row written now [B, N].
+        matrix: the written rows replace theirs among all items of the held matrix, which keeps them [B, n_items];
+        its positives are always fresh rows and most negatives stale ones, which a model can learn to tell apart."""
+        items, rows = self.items_written_now(next_items)
+        if self.item_grad_scores == "sampled":
+            return self.scores(user_embedding, rows), torch.searchsorted(items, next_items)
         self.item_matrix.index_copy_(0, items, rows.detach())
-        return self.item_matrix.index_copy(0, items, rows)  # [n_items, d_llm], gradient through the written rows
+        scores = self.scores(user_embedding, self.item_matrix.index_copy(0, items, rows))  # gradient through rows
+        scores[:, 0] = float("-inf")
+        return self.without_cold_items(scores), next_items
 
     def begin_evaluation(self):
         if self.stage != FROZEN_ITEMS:
@@ -296,9 +310,11 @@ class Laser(LLMSequentialRecommender):
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         user_embedding, routing = self.user_embedding(item_seq, item_len)
         next_items = interaction[self.POS_ITEM_ID]  # [B]
-        item_matrix = self.with_rows_written_now(next_items) if self.item_side_trains() else self.item_matrix
-        scores = self.without_cold_items(self.scores(user_embedding, item_matrix))  # [B, n_items]
-        next_item_loss = F.cross_entropy(scores, next_items)
+        if self.item_side_trains():
+            scores, targets = self.scores_with_items_written_now(user_embedding, next_items)
+        else:
+            scores, targets = self.without_cold_items(self.scores(user_embedding)), next_items  # [B, n_items]
+        next_item_loss = F.cross_entropy(scores, targets)
         balance_loss = routing.balance_loss() if routing is not None else next_item_loss.new_zeros(())
         return next_item_loss, self.moe_balance_weight * balance_loss
 
