@@ -175,6 +175,17 @@ def test_item_matrix_batched_by_text_length_holds_each_items_own_embedding(laser
     assert (matrix[0] == 0).all()  # the padding item
 
 
+def test_full_ranking_scores_of_users_in_chunks_equal_one_pass(laser, tiny):
+    users = next(iter(tiny.test_data))[0]  # [300 users]; RecBole's evaluator scores eval_batch_size users at a time
+    laser.eval()
+    with torch.no_grad():
+        laser.begin_evaluation()
+        one_pass = laser.full_sort_predict(users)
+        in_chunks = torch.cat([laser.full_sort_predict(users[start:start + 7]) for start in range(0, len(users), 7)])
+    assert one_pass.shape == (len(users), laser.n_items)
+    assert torch.allclose(one_pass, in_chunks, atol=1e-4)  # each chunk pads its prompts to its own longest
+
+
 def test_user_embedding_is_the_llm_output_at_the_suffix(tiny, batch):
     laser = tiny.build(deep_prefix=False).eval()  # the paper's input prefix; the deep one: the test below
     item_seq, item_len = batch[laser.ITEM_SEQ], batch[laser.ITEM_SEQ_LEN]

@@ -181,6 +181,17 @@ def trainable_names(model):
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+def test_full_ranking_scores_of_users_in_chunks_equal_one_pass(rsllm, tiny):
+    users = next(iter(tiny.test_data))[0]  # RecBole's evaluator scores eval_batch_size users at a time
+    rsllm.eval()
+    with torch.no_grad():
+        rsllm.begin_evaluation()
+        one_pass = rsllm.full_sort_predict(users)
+        in_chunks = torch.cat([rsllm.full_sort_predict(users[start:start + 7]) for start in range(0, len(users), 7)])
+    assert one_pass.shape == (len(users), rsllm.n_items)
+    assert torch.allclose(one_pass, in_chunks, atol=1e-4)  # each chunk pads its prompts to its own longest
+
+
 def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(rsllm):
     rsllm.set_stage(UNIFIED)
     names = trainable_names(rsllm)
