@@ -129,20 +129,29 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
         family = [run for run in runs if run["base"] == model]
         floor = [run for run in runs if run["base"] == FLOOR]
         seeds_of = {label: sorted(run["seed"] for run in family if run["setting"] == label) for label in labels}
-        complete = [label for label in labels if seeds_of[label]]
-        if not complete:
+        kept_labels = [label for label in labels if seeds_of[label]]
+        if not kept_labels:
             continue
-        # a paired comparison over the seeds both sides ran: users' metrics averaged over the same seeds
-        common = set.intersection(*(set(seeds_of[label]) for label in complete))
-        if model != FLOOR:
-            common &= {run["seed"] for run in floor}
-        common = sorted(common)
-        same_seeds = [run for run in family + floor if run["seed"] in common]
-        to_default = reference_differences(same_seeds, [model], settings)[("ndcg@10", model)] \
-            if model != FLOOR and DEFAULT in complete and common else {}
-        to_floor = reference_differences(same_seeds, [FLOOR], settings)[("ndcg@10", FLOOR)] \
-            if model != FLOOR and common else {}
-        for label in complete:
+        # settings with every seed of the plan form the Holm family; one with fewer (its runs still to come) is
+        # compared alone, over the seeds it ran, so that it never narrows the others' comparison to its seeds
+        complete = [label for label in kept_labels if set(seeds_of[label]) >= set(plan["seeds"])]
+        partial = [label for label in kept_labels if label not in complete]
+        to_default, to_floor, paired_over = {}, {}, {}
+        for group in ([complete] if complete else []) + [[label] for label in partial]:
+            seeds = set.intersection(*(set(seeds_of[label]) for label in group))
+            if model != FLOOR:
+                seeds &= {run["seed"] for run in floor} & set(seeds_of.get(DEFAULT, seeds))
+            group_runs = [run for run in family + floor if run["seed"] in seeds
+                          and (run["base"] == FLOOR or run["setting"] in (*group, DEFAULT))]
+            names = {run_label(model, label) for label in group}  # the default's own rows come from its group
+            if model != FLOOR and seeds:
+                if DEFAULT in seeds_of and seeds_of[DEFAULT]:
+                    differences = reference_differences(group_runs, [model], settings)[("ndcg@10", model)]
+                    to_default.update({name: d for name, d in differences.items() if name in names})
+                differences = reference_differences(group_runs, [FLOOR], settings)[("ndcg@10", FLOOR)]
+                to_floor.update({name: d for name, d in differences.items() if name in names})
+            paired_over.update({label: sorted(seeds) for label in group})
+        for label in kept_labels:
             label_runs = [run for run in family if run["setting"] == label]
             valid = [run["best_valid_score"] for run in label_runs]
             test = [run["test_result"]["ndcg@10"] for run in label_runs]
@@ -155,7 +164,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
                 "p vs default (Holm)": to_default[name].p_holm if name in to_default else None,
                 "valid mean": float(np.mean(valid)), "test mean": float(np.mean(test)),
                 "train (s)": float(np.mean([run["train_time"] for run in label_runs])),
-                "paired over seeds": ",".join(map(str, common)),
+                "paired over seeds": ",".join(map(str, paired_over[label])),
             })
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"ablations-{profile.name}")
@@ -166,7 +175,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"same test users, each user's NDCG@10 averaged over the seeds both ran first; the mean and its "
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
-            f"Holm's correction over the model's settings. Runs on: "
+            f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
+            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: "
             f"{'; '.join(sorted({run.get('environment', 'an unrecorded machine') for run in runs}))}.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"

@@ -1,9 +1,11 @@
 """The benchmark scripts on the smoke profile (the tiny data, a tiny LLM): each writes its page, table and figure
 with sane numbers, and update_readme.py puts the pages into a README's Results section."""
 
+import contextlib
 import csv
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -202,6 +204,18 @@ def test_ablations_go_on_from_the_runs_they_kept(ablation_arguments, monkeypatch
     monkeypatch.setattr(ablations, "run_recbole_llm", lambda *a, **k: pytest.fail("a kept run ran again"))
     ablations.main(ablation_arguments)
     assert open(page).read().split("**Settings**")[1] == before
+
+
+def test_a_setting_with_fewer_seeds_leaves_the_others_comparisons_alone(ablation_arguments, out, tmp_path,
+                                                                          monkeypatch):
+    shutil.copytree(out / "ablations-smoke-runs", tmp_path / "ablations-smoke-runs")
+    (tmp_path / "ablations-smoke-runs" / "Laser_(deep_prefix_False)-2021.json").unlink()  # its second run to come
+    monkeypatch.setattr(ablations, "claimed", lambda path: contextlib.nullcontext(False))  # nothing runs now
+    ablations.main([*ablation_arguments, f"--out={tmp_path}"])
+    full, partial = read_rows(out / "ablations-smoke.csv"), read_rows(tmp_path / "ablations-smoke.csv")
+    assert partial[0] == full[0]  # the default's comparison with Pop still over both seeds
+    assert (partial[1]["seeds"], partial[1]["paired over seeds"]) == ("2020", "2020")
+    assert re.fullmatch(r"[+-]\d\.\d{4} \[.*\]( \*)?", partial[1]["Δ test NDCG@10 vs default"])
 
 
 def test_the_synthetic_catalog_is_deterministic_and_loads_in_recbole(tmp_path):
