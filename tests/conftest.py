@@ -189,3 +189,15 @@ def cf_checkpoint(tmp_path_factory):
     with module_workdir(tmp_path_factory, "cf") as path:
         run = tiny_run("Laser", path)
         return trained_checkpoint(run.config, run.train_data._dataset)
+
+
+def assert_users_in_chunks_score_as_one_pass(model, users):
+    """RecBole's evaluator scores eval_batch_size users at a time: full-ranking scores of users in chunks of 7 equal
+    those of one pass, though each chunk pads its prompts to its own longest."""
+    model.eval()
+    with torch.no_grad():
+        model.begin_evaluation()
+        one_pass = model.full_sort_predict(users)
+        in_chunks = torch.cat([model.full_sort_predict(users[start:start + 7]) for start in range(0, len(users), 7)])
+    assert one_pass.shape == (len(users), model.n_items)
+    assert torch.allclose(one_pass, in_chunks, atol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_DATASET
+from conftest import TINY_DATASET, assert_users_in_chunks_score_as_one_pass
 from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
@@ -176,14 +176,7 @@ def test_item_matrix_batched_by_text_length_holds_each_items_own_embedding(laser
 
 
 def test_full_ranking_scores_of_users_in_chunks_equal_one_pass(laser, tiny):
-    users = next(iter(tiny.test_data))[0]  # [300 users]; RecBole's evaluator scores eval_batch_size users at a time
-    laser.eval()
-    with torch.no_grad():
-        laser.begin_evaluation()
-        one_pass = laser.full_sort_predict(users)
-        in_chunks = torch.cat([laser.full_sort_predict(users[start:start + 7]) for start in range(0, len(users), 7)])
-    assert one_pass.shape == (len(users), laser.n_items)
-    assert torch.allclose(one_pass, in_chunks, atol=1e-4)  # each chunk pads its prompts to its own longest
+    assert_users_in_chunks_score_as_one_pass(laser, next(iter(tiny.test_data))[0])
 
 
 def test_user_embedding_is_the_llm_output_at_the_suffix(tiny, batch):

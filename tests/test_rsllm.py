@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import RSLLM_SIZES, TINY_DATASET, tiny_config
+from conftest import RSLLM_SIZES, TINY_DATASET, assert_users_in_chunks_score_as_one_pass, tiny_config
 from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates, ranking_metrics
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
@@ -182,14 +182,7 @@ def trainable_names(model):
 
 
 def test_full_ranking_scores_of_users_in_chunks_equal_one_pass(rsllm, tiny):
-    users = next(iter(tiny.test_data))[0]  # RecBole's evaluator scores eval_batch_size users at a time
-    rsllm.eval()
-    with torch.no_grad():
-        rsllm.begin_evaluation()
-        one_pass = rsllm.full_sort_predict(users)
-        in_chunks = torch.cat([rsllm.full_sort_predict(users[start:start + 7]) for start in range(0, len(users), 7)])
-    assert one_pass.shape == (len(users), rsllm.n_items)
-    assert torch.allclose(one_pass, in_chunks, atol=1e-4)  # each chunk pads its prompts to its own longest
+    assert_users_in_chunks_score_as_one_pass(rsllm, next(iter(tiny.test_data))[0])
 
 
 def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(rsllm):
