@@ -1,5 +1,7 @@
 """Learning curves: each LLM model's validation NDCG@10 against the training samples it has seen and the wall time,
-with the other models of the run (Pop, SASRec) and the CF model it reads as horizontal lines.
+with the other models of the run (Pop, SASRec) and the CF model it reads as horizontal lines, and the profile's
+`equal_samples` rows (label -> settings, `model` among them: e.g. SASRec at the LLM models' batch size with capped
+epochs) as curves of their own: which model gets further with the same samples.
 
     python -m benchmarks.curves --profile=cpu-long [--out=benchmarks/results] [--key=value ...]
 
@@ -14,9 +16,10 @@ from time import time
 
 from benchmarks.quality import COLUMNS, compared_rows, gpu_name, with_differences
 from benchmarks.report import run_script, saved_figure, write_page
-from benchmarks.settings import benchmark_settings
+from benchmarks.settings import benchmark_settings, labelled_runs
 from recbole_llm.comparison import markdown_table, table_note, with_companions, write_csv
 from recbole_llm.config import Config
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.utils import get_model
@@ -46,9 +49,22 @@ class Curve:
 
 
 def samples_per_epoch(model, dataset, config_dict):
-    """Training samples per (capped) epoch of an LLM model: train_batches_per_epoch * train_batch_size."""
+    """Training samples per capped epoch: train_batches_per_epoch * train_batch_size."""
     config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    if config["train_batches_per_epoch"] is None:
+        raise RecBoleLLMError(f"a curve of {model} needs train_batches_per_epoch: its samples per validation")
     return config["train_batches_per_epoch"] * config["train_batch_size"]
+
+
+def equal_sample_curves(profile, seed):
+    """The profile's equal_samples rows, each trained with a curve; returns their curves {(label, seed): Curve}."""
+    curves = {}
+    for label, settings in labelled_runs(profile.extra.get("equal_samples")).items():
+        config_dict = {**profile.run_config(settings), "seed": seed}
+        curve = curves[(label, seed)] = Curve(label, samples_per_epoch(settings["model"], profile.dataset, config_dict),
+                                              seed)
+        run_recbole_llm(settings["model"], profile.dataset, config_dict=config_dict, callback_fn=curve)
+    return curves
 
 
 def main(argv=None):
@@ -63,10 +79,11 @@ def main(argv=None):
                 callback = curves[(model, seed)] = Curve(model, samples_per_epoch(model, profile.dataset, config_dict),
                                                          seed)
             results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=callback))
+        curves.update(equal_sample_curves(profile, seed))
     rows, shown = compared_rows(with_companions(results), profile)
     points = [point for curve in curves.values() for point in curve.points]
     best_valid = f"best valid {results[0]['valid_metric']}"  # NDCG@10 in every profile
-    llm_models = {model for model, _ in curves}
+    llm_models = {model for model, _ in curves}  # and the equal_samples rows
     lines = {row["model"]: row[best_valid] for row in rows if row["model"] not in llm_models}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +97,7 @@ def main(argv=None):
             for index, (model, score) in enumerate(lines.items()):
                 axis.axhline(score, color=f"C{index + len(curves)}", linestyle="--", label=f"{model} (best)")
             axis.set_xlabel(label)
+            axis.set_xscale("log")  # samples from hundreds (an LLM model's epoch) to the ID models' full epochs
             axis.set_ylabel("valid NDCG@10")
         axes[0].legend(fontsize=8)
     title = f"Learning curves: {profile.dataset}, validation NDCG@10, profile {profile.name}"

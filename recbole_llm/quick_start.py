@@ -24,7 +24,7 @@ from recbole_llm.comparison import SIGNIFICANCE_SETTINGS, with_companions, write
 from recbole_llm.config import Config, cpu_budget, restore_numpy_aliases, single_process
 from recbole_llm.distributed import writes_files
 from recbole_llm.environment import run_environment
-from recbole_llm.errors import RecBoleLLMError, is_number, require
+from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
 from recbole_llm.memory import fix_mmap_threshold
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
 from recbole_llm.resume import read_resume_checkpoint, resume_file
@@ -56,6 +56,9 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     require(config, "mmap_threshold_mb", threshold is None or is_number(threshold) and threshold > 0,
             "use a size in MB (e.g. 1), or None for the C library's default")
     fix_mmap_threshold(threshold)  # before the tensors a run allocates
+    cap = config["train_batches_per_epoch"]
+    require(config, "train_batches_per_epoch", cap is None or is_int(cap) and cap > 0,
+            "use a positive number of batches, or None for every training prefix")
     if writes_files(config):  # the other processes of a multi-process run only report errors, on stderr
         init_logger(config)
     logger = getLogger()

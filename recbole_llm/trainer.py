@@ -3,6 +3,7 @@ resume interrupted runs, and the LLMTrainer that trains every LLM-based model st
 weights go into a model, for the trainers and load_data_and_model alike."""
 
 import functools
+import itertools
 import math
 import os
 from contextlib import contextmanager
@@ -199,6 +200,40 @@ class SafeCheckpointMixin:
         return f"while {doing} ({key}={size}): lower {key}" + (f", e.g. to {size // 2}" if size > 1 else "")
 
 
+class CappedEpochMixin:
+    """train_batches_per_epoch for every model: an epoch is the first N batches of the shuffled loader (a different
+    subset each epoch), so that an ID model can be validated after as many samples as an LLM model."""
+
+    def __init__(self, config, model):
+        self.train_batches_per_epoch = config["train_batches_per_epoch"]  # None: the whole training set
+        super().__init__(config, model)
+
+    def _batches_per_epoch(self, train_data):
+        return min(len(train_data), self.train_batches_per_epoch or len(train_data))
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        n_batches = self._batches_per_epoch(train_data)
+        if n_batches < len(train_data):
+            train_data = FirstBatches(train_data, n_batches)
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+
+
+class FirstBatches:
+    """The first n batches of a RecBole loader, which RecBole's epoch loop reads as the loader itself."""
+
+    def __init__(self, loader, n_batches):
+        self.loader, self.n_batches = loader, n_batches
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n_batches)
+
+    def __getattr__(self, name):  # shuffle, sampler, ...
+        return getattr(self.loader, name)
+
+
 class CandidateEvaluationMixin:
     """With ``candidate_eval``, a test adds LLaRA's candidate protocol (HR@1 and ValidRatio on the same seeded
     candidates for every model, recbole_llm.candidate_evaluation) to RecBole's metrics; validations read RecBole's
@@ -240,9 +275,9 @@ class CandidateEvaluationMixin:
 
 
 class Trainer(CandidateEvaluationMixin, DistributedTrainerMixin, PerUserMetricsMixin, SafeCheckpointMixin,
-              RecBoleTrainer):
-    """RecBole's Trainer with safe loading, working multi-process runs, per-user metrics and the candidate protocol:
-    the trainer of RecBole's sequential baselines in this plugin."""
+              CappedEpochMixin, RecBoleTrainer):
+    """RecBole's Trainer with safe loading, working multi-process runs, per-user metrics, the candidate protocol and
+    capped epochs: the trainer of RecBole's sequential baselines in this plugin."""
 
 
 class LLMTrainer(Trainer):
@@ -259,7 +294,6 @@ class LLMTrainer(Trainer):
     def __init__(self, config, model):
         self.grad_accum_steps = config["grad_accum_steps"]
         self.warmup_ratio = config["warmup_ratio"]
-        self.train_batches_per_epoch = config["train_batches_per_epoch"]  # None: the whole training set
         self.stage = None
         self.validating = False
         super().__init__(config, model)
@@ -343,9 +377,6 @@ class LLMTrainer(Trainer):
     def _restore_training_state(self, checkpoint):
         super()._restore_training_state(checkpoint)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-
-    def _batches_per_epoch(self, train_data):
-        return min(len(train_data), self.train_batches_per_epoch or len(train_data))
 
     @advises_on_out_of_memory("train")
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):

@@ -138,6 +138,16 @@ def test_mmap_threshold_that_is_not_a_size(cli):
     assert "mmap_threshold_mb is 'lots': use a size in MB (e.g. 1)" in cli(model="SASRec", mmap_threshold_mb="lots")
 
 
+def test_gradient_checkpointing_that_is_not_a_switch_or_a_layer_count(cli):
+    assert "gradient_checkpointing is 'some': use True (every layer), False, or a number N" in cli(
+        gradient_checkpointing="some")
+
+
+def test_train_batches_per_epoch_that_is_not_a_count(cli):
+    assert "train_batches_per_epoch is 0: use a positive number of batches" in cli(model="SASRec",
+                                                                                 train_batches_per_epoch=0)
+
+
 def test_llm_path_that_does_not_exist(cli, tmp_path):
     assert f"llm_path '{tmp_path}/no-such-model' does not exist" in cli(llm_path=str(tmp_path / "no-such-model"))
 

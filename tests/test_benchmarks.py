@@ -85,7 +85,9 @@ def test_curves_have_a_point_per_validation_of_each_llm_model(out):
         assert [number(point["samples"]) for point in curve] == [16, 32]
         assert all(0 <= number(point["valid ndcg@10"]) <= 1 for point in curve)
         assert 0 < number(curve[0]["minutes"]) < number(curve[1]["minutes"])
-    assert {point["model"] for point in points} == {"Laser", "RSLLM"}  # SASRec: a line, from its best validation
+    equal = [number(point["samples"]) for point in points if point["model"] == "SASRec (batch 8)"]
+    assert equal == [16, 32, 48]  # SASRec at the LLM models' batch: 3 capped epochs of 2 batches of 8
+    assert {point["model"] for point in points} == {"Laser", "RSLLM", "SASRec (batch 8)"}  # SASRec: a line (its best)
     assert_page(out, "curves-smoke", ["SASRec", "Laser", "SASRec (CF model of Laser)", "RSLLM"])
 
 

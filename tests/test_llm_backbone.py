@@ -106,21 +106,30 @@ def test_a_gguf_file_is_converted_once_then_read_as_a_model_directory(smollm2, m
     assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
-@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+@pytest.mark.parametrize("gradient_checkpointing, recomputed", [(False, [1, 1]), (True, [2, 2]), (1, [2, 1])])
 @pytest.mark.parametrize("alias", TINY_ALIASES)
-def test_gradient_reaches_inputs_embeds_through_the_frozen_model(alias, gradient_checkpointing):
+def test_gradient_reaches_inputs_embeds_through_the_frozen_model(alias, gradient_checkpointing, recomputed):
     backbone = load_llm(alias, gradient_checkpointing=gradient_checkpointing)
-    first_layer = next(m for m in backbone.model.modules() if isinstance(m, GradientCheckpointingLayer))
-    mlp_calls = []
-    hook = first_layer.mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    layers = [m for m in backbone.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    mlp_calls = [[] for _ in layers]
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+             for layer, calls in zip(layers, mlp_calls)]
     inputs_embeds = torch.randn(2, 5, 64, requires_grad=True)
-    last_hidden_state(backbone, inputs_embeds).sum().backward()
-    hook.remove()
+    grad_of = {}
+    for run in ("checkpointed", "reference"):
+        inputs_embeds.grad = None
+        model = backbone if run == "checkpointed" else load_llm(alias)
+        last_hidden_state(model, inputs_embeds).sum().backward()
+        grad_of[run] = inputs_embeds.grad
+        if run == "checkpointed":
+            for hook in hooks:
+                hook.remove()
 
-    assert inputs_embeds.grad is not None and inputs_embeds.grad.abs().sum() > 0
+    assert grad_of["checkpointed"] is not None and grad_of["checkpointed"].abs().sum() > 0
+    assert torch.allclose(grad_of["checkpointed"], grad_of["reference"], atol=1e-6)  # recomputing changes nothing
     assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
-    # checkpointing recomputes each layer during backward
-    assert len(mlp_calls) == (2 if gradient_checkpointing else 1)
+    # checkpointing recomputes a layer during backward: every layer (True), the first N (N)
+    assert [len(calls) for calls in mlp_calls] == recomputed
 
 
 def test_missing_path():

@@ -139,6 +139,25 @@ def test_per_term_losses_are_returned(toy):
     assert isinstance(losses, tuple) and len(losses) == 2 and losses[0] > 0 and losses[1] == 0
 
 
+def test_a_recbole_model_trains_capped_epochs_of_different_batches(workdir, monkeypatch):
+    """train_batches_per_epoch holds for SASRec too: each epoch its first N batches, a new subset each epoch."""
+    from recbole.model.sequential_recommender import SASRec
+
+    seen = []  # the users of every training batch
+    calculate_loss = SASRec.calculate_loss
+    monkeypatch.setattr(SASRec, "calculate_loss",
+                        lambda self, interaction: seen.append(interaction["user_id"]) or calculate_loss(self, interaction))
+    config = tiny_config(workdir, epochs=2, train_batch_size=64, train_batches_per_epoch=3, stopping_step=5)
+    full = run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict={**config, "train_batches_per_epoch": None})
+    uncapped = len(seen)
+    seen.clear()
+    run_recbole_llm(model="SASRec", dataset=TINY_DATASET, config_dict=config)
+    assert uncapped > 2 * 6 and len(seen) == 2 * 3  # 3 batches in each of 2 epochs
+    assert all(len(users) == 64 for users in seen)
+    assert not torch.equal(seen[0], seen[3])  # the second epoch starts from another shuffle
+    assert full["best_valid_score"] > 0
+
+
 # ---- The candidate protocol for a general model ------------------------------------------------------------------
 
 

@@ -98,7 +98,7 @@ def load_llm(
     llm_path: str,
     device: torch.device | str = "cpu",
     dtype: str = "auto",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | int = False,
     device_map: str | dict | None = None,
 ) -> LLMBackbone:
     """The frozen LLM named by `llm_path`, loaded once per process for each (path, device, dtype, checkpointing,
@@ -107,7 +107,8 @@ def load_llm(
     device = torch.device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     map_key = tuple(sorted(device_map.items())) if isinstance(device_map, dict) else device_map
-    key = (llm_path, device, torch_dtype, gradient_checkpointing, map_key)
+    checkpointed = "all" if gradient_checkpointing is True else int(gradient_checkpointing or 0)  # True == 1 in a key
+    key = (llm_path, device, torch_dtype, checkpointed, map_key)
     if key not in _CACHE:
         _CACHE[key] = _load(llm_path, device, torch_dtype, gradient_checkpointing, device_map)
     return _CACHE[key]
@@ -233,7 +234,8 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _load(
-    llm_path: str, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool, device_map: str | dict | None
+    llm_path: str, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool | int,
+    device_map: str | dict | None
 ) -> LLMBackbone:
     start = time.perf_counter()
     with _one_line_errors(llm_path):
@@ -320,15 +322,20 @@ def _llm_source(llm_path: str) -> tuple[str, str | Path]:
     )
 
 
-def _freeze(model: transformers.PreTrainedModel, gradient_checkpointing: bool) -> None:
+def _freeze(model: transformers.PreTrainedModel, gradient_checkpointing: bool | int) -> None:
+    """Frozen weights, eval mode; gradient_checkpointing True recomputes every decoder layer's activations in
+    backward, a number N only the first N layers' (each layer holds the same activations: memory falls, and time
+    rises, with N)."""
     model.requires_grad_(False)
     model.eval()
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # transformers checkpoints a layer only in training mode: flag the layers alone, so dropout stays off
-        for module in model.modules():
-            if isinstance(module, GradientCheckpointingLayer):
-                module.training = True
+        layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        checkpointed = len(layers) if gradient_checkpointing is True else gradient_checkpointing
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < checkpointed
+            # transformers checkpoints a layer only in training mode: flag the layers alone, so dropout stays off
+            layer.training = index < checkpointed
 
 
 def _build_random(alias: str, device: torch.device, dtype: torch.dtype, device_map: str | dict | None):

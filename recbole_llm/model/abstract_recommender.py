@@ -72,6 +72,10 @@ class LLMSequentialRecommender(SequentialRecommender):
         for key in ("stage1_epochs", "stage2_epochs"):
             require(config, key, is_int(config[key]) and config[key] >= 0, "use 0 to skip the stage, or more")
         require(config, "detect_anomaly", isinstance(config["detect_anomaly"], bool), "it must be True or False")
+        checkpointing = config["gradient_checkpointing"]
+        require(config, "gradient_checkpointing",
+                isinstance(checkpointing, bool) or is_int(checkpointing) and checkpointing >= 0,
+                "use True (every layer), False, or a number N of the LLM's first layers")
         layers = config["llm_layers"]
         require(config, "llm_layers", layers is None or is_int(layers) and layers > 0,
                 "it must be a positive number of layers, or None for all of them")
