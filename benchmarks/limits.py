@@ -7,7 +7,8 @@ First the matrix-product rate at the LLM's own shapes (a batch of tokens through
 profile's Laser and RSLLM (its `quality` settings), the passes that cost a run its time:
 
 - the item matrix (Laser): the item prompts of `items` items, taken evenly over the length-sorted catalog, in
-  item_batch_size batches as compute_item_matrix runs them;
+  item_batch_size batches as compute_item_matrix runs them; on a CPU with bf16 matrix units, again through the
+  copy of the LLM held in bf16 (no_grad_bf16);
 - a Laser training step and an RSLLM training step (its unified stage): loss and backward of one training batch;
 - RSLLM's generation: greedy answers to the candidate prompts of `users` users.
 
@@ -31,10 +32,9 @@ from benchmarks.settings import benchmark_settings
 from recbole_llm.cold_items import data_preparation
 from recbole_llm.comparison import markdown_table, write_csv
 from recbole_llm.config import Config
-from recbole_llm.environment import run_environment
+from recbole_llm.environment import cpu_computes_bf16, run_environment
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.quick_start import build_model
-from recbole_llm.trainer import cpu_computes_bf16
 
 DEFAULTS = {"items": 256, "users": 8, "steps": 2, "matmul_tokens": 2048}
 COLUMNS = {
@@ -48,7 +48,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile, out, stamp = benchmark_settings("limits", argv)
     settings = {**DEFAULTS, **(profile.extra.get("limits") or {})}
-    laser, laser_data = built("Laser", profile)
+    laser, laser_data = built("Laser", profile, no_grad_bf16=True)  # a bf16 copy where the CPU has bf16 units
+    bf16_decoder, laser.run_no_grad_decoder = laser.run_no_grad_decoder, None  # the fp32 passes first
     hidden, ffn = llm_widths(laser)
     matmuls = matmul_rates(hidden, ffn, settings["matmul_tokens"], settings["steps"])
     rate = {row["dtype"]: row["GFLOP/s"] for row in matmuls if row["shape"] == "all"}
@@ -56,6 +57,10 @@ def main(argv=None):
         measured("item matrix (Laser)", laser, item_pass(laser, settings["items"]), settings["steps"]),
         measured("training step (Laser)", laser, training_step(laser, laser_data), settings["steps"]),
     ]
+    if bf16_decoder is not None:
+        laser.run_no_grad_decoder = bf16_decoder
+        rows.append(measured("item matrix (Laser, no_grad_bf16)", laser, item_pass(laser, settings["items"]),
+                             settings["steps"], decoder=bf16_decoder.__self__))
     del laser, laser_data
     rsllm, rsllm_data = built("RSLLM", profile)
     rsllm.set_stage("unified")
@@ -70,10 +75,10 @@ def main(argv=None):
     return matmuls, rows
 
 
-def built(model_name, profile):
-    """The profile's model (its quality settings) and a training batch, as a run builds them."""
+def built(model_name, profile, **settings):
+    """The profile's model (its quality settings, then `settings`) and a training batch, as a run builds them."""
     config = Config(model=model_name, dataset=profile.dataset,
-                    config_dict=profile.run_config(profile.quality.get(model_name, {})))
+                    config_dict=profile.run_config({**profile.quality.get(model_name, {}), **settings}))
     init_seed(config["seed"], config["reproducibility"])
     train_data, _, _ = data_preparation(config, create_dataset(config))
     model = build_model(config, train_data._dataset)
@@ -158,9 +163,10 @@ def generation(model, batch, n_users):
     return run
 
 
-def measured(label, model, run, repeats):
-    """A pass's row: its tokens through the LLM, FLOPs and time (best of `repeats` after a counted run)."""
-    decoder = llm_parts(model)[0]
+def measured(label, model, run, repeats, decoder=None):
+    """A pass's row: its tokens through the LLM (its `decoder`: the model's own by default), FLOPs and time (best of
+    `repeats` after a counted run)."""
+    decoder = decoder or llm_parts(model)[0]
     tokens = []
     handle = decoder.register_forward_pre_hook(lambda _, args, kwargs: tokens.append(unpadded(kwargs)),
                                                with_kwargs=True)

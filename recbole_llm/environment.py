@@ -20,3 +20,8 @@ def run_environment():
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"torch {torch.__version__} on {cpu_model()}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
             f"{torch.get_num_threads()} threads{gpu}")
+
+
+def cpu_computes_bf16():
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16), where bf16 matrix products beat fp32's."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()

@@ -14,6 +14,7 @@ from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_pic
 from benchmarks.settings import load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import RSLLM_SIZES, TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
+import recbole_llm.environment
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
 
@@ -29,7 +30,9 @@ def out(tmp_path_factory):
         cost.main(arguments)
         curves.main(arguments)
         cold.main(arguments)
-        limits.main(arguments)
+        with pytest.MonkeyPatch.context() as patch:  # the bf16 copy's row too, on any CPU
+            patch.setattr(recbole_llm.environment, "cpu_computes_bf16", lambda: True)
+            limits.main(arguments)
         scale.main(arguments)
         ablations.main([*arguments, f"--checkpoint_dir={workdir / 'saved'}"])
         yield workdir / "results"
@@ -119,13 +122,14 @@ def test_limits_set_each_llm_pass_against_the_matmul_rate_of_its_dtype(out):
     matmuls = {(row["shape"], row["dtype"]): number(row["GFLOP/s"]) for row in rows if row["kind"] == "matmul"}
     assert {("all", "float32"), ("all", "bfloat16")} <= set(matmuls) and all(rate > 0 for rate in matmuls.values())
     passes = {row["pass"]: row for row in rows if row["kind"] == "pass"}
-    assert list(passes) == ["item matrix (Laser)", "training step (Laser)", "training step (RSLLM, unified)",
-                            "generation (RSLLM)"]
+    assert list(passes) == ["item matrix (Laser)", "training step (Laser)", "item matrix (Laser, no_grad_bf16)",
+                            "training step (RSLLM, unified)", "generation (RSLLM)"]
     decoder = load_llm("tiny-llama").model.get_decoder()
     linear_weights = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     for name, row in passes.items():
         tokens, flops = number(row["tokens"]), number(row["GFLOP"]) * 1e9
-        assert row["dtype"] == "float32" and number(row["matmul GFLOP/s"]) == matmuls[("all", "float32")]
+        dtype = "bfloat16" if "no_grad_bf16" in name else "float32"
+        assert row["dtype"] == dtype and number(row["matmul GFLOP/s"]) == matmuls[("all", dtype)]
         assert number(row["GFLOP/s"]) == pytest.approx(number(row["GFLOP"]) / number(row["seconds"]))
         assert number(row["tokens/s"]) == pytest.approx(tokens / number(row["seconds"]))
         passes_per_token = 2 if name.startswith("training") else 1  # frozen weights: a backward's input gradients
@@ -182,7 +186,7 @@ def test_readme_shows_the_committed_results():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-long, gpu, smoke"):
+    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-bf16, cpu-long, gpu, smoke"):
         quality.main(["--profile=nope"])
 
 

@@ -93,7 +93,10 @@ def test_every_llm_model_trains_with_the_llm_trainer():
 def test_the_cpu_budget_applies_to_the_default_llm_only_where_the_user_set_nothing(tmp_path, settings, llm_layers):
     config = Config(model="Laser", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
     assert config["llm_layers"] == llm_layers
-    assert cpu_budget(config) == ({"llm_layers": 10} if llm_layers else {})
+    own_llm = "llm_path" in settings
+    assert cpu_budget(config) == ({} if own_llm else {"llm_layers": 10, "cpu_bf16": True} if llm_layers else
+                                  {"cpu_bf16": True})
+    assert config["cpu_bf16"] is not own_llm  # bf16 autocast where the CPU has bf16 units: the default LLM only
     rsllm = Config(model="RSLLM", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path, **settings))
     assert rsllm["llm_layers"] is None  # RSLLM writes titles: its LM head reads the last layer
     rsllm_budget = {"cpu_bf16": True, "item_tower": "frozen", "center_states": True}

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_llm import environment
 from recbole_llm.errors import is_int, require
-from recbole_llm.llm.backbone import last_hidden_states, llm_decoder, llm_from_config
+from recbole_llm.llm.backbone import last_hidden_states, llm_decoder, llm_from_config, load_llm
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
 from recbole_llm.llm.prompt import PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
@@ -64,6 +65,7 @@ class Laser(LLMSequentialRecommender):
         # is never part of a state dict and never switched to train mode.
         self.llm = llm_from_config(config)
         self.run_decoder = llm_decoder(self.llm, config["llm_layers"]).__call__  # a call, so not a submodule either
+        self.run_no_grad_decoder = self._no_grad_decoder(config)
         llm_size = self.llm.hidden_size
 
         # 2. One prompt template for users and items: instruction, then the numbered history with item attributes.
@@ -134,6 +136,7 @@ class Laser(LLMSequentialRecommender):
         require(config, "tau", config["tau"] > 0, "the cosine temperature must be positive")
         require(config, "center_embeddings", isinstance(config["center_embeddings"], bool), "use True or False")
         require(config, "deep_prefix", config["deep_prefix"] in (True, False, None), "use True or False")
+        require(config, "no_grad_bf16", config["no_grad_bf16"] in (True, False, None), "use True or False")
         negatives = config["item_grad_negatives"]
         require(config, "item_grad_negatives", negatives is None or is_int(negatives) and negatives >= 0,
                 "use 0 (no item written with gradient) or a number of sampled items")
@@ -165,9 +168,25 @@ class Laser(LLMSequentialRecommender):
     def input_embeddings(self):
         return self.llm.input_embeddings()
 
+    def _no_grad_decoder(self, config):
+        """With no_grad_bf16, on a CPU with bf16 matrix units and an fp32 LLM: the same decoder over a copy of the
+        LLM held in bf16, cast once (autocast would cast every weight at every call, which costs what the bf16
+        products save on short prompts). None otherwise."""
+        if not (config["no_grad_bf16"] and self.llm.device.type == "cpu" and self.llm.dtype == torch.float32
+                and environment.cpu_computes_bf16()):
+            return None
+        bf16_llm = load_llm(config["llm_path"], config["device"], "bfloat16", False, config["llm_device_map"])
+        getLogger().info("no_grad_bf16: item matrices and evaluation through a copy of the LLM held in bf16")
+        return llm_decoder(bf16_llm, config["llm_layers"]).__call__
+
     def last_hidden_states(self, inputs_embeds, attention_mask, position_ids, layer_prefix=None):
-        """The decoder's states [B, T, d_llm] (layer llm_layers when set)."""
-        return last_hidden_states(self.run_decoder, inputs_embeds, attention_mask, position_ids, layer_prefix)
+        """The decoder's states [B, T, d_llm] (layer llm_layers when set). Without gradient (item matrices,
+        evaluation), through the bf16 copy of no_grad_bf16 where there is one, its states returned in fp32."""
+        if self.run_no_grad_decoder is None or torch.is_grad_enabled():
+            return last_hidden_states(self.run_decoder, inputs_embeds, attention_mask, position_ids, layer_prefix)
+        return last_hidden_states(  # a deep prefix is cast by each layer's key/value maps
+            self.run_no_grad_decoder, inputs_embeds.bfloat16(), attention_mask, position_ids, layer_prefix
+        ).float()
 
     # ---- Prefix: the M-Former over the CF encoder's states C_u -------------------------------------------------
 
