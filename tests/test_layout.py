@@ -1,6 +1,6 @@
 """The layout the README's "How it is built" draws: which modules of recbole_llm import which, read from the source.
-Models are leaves (as in RecBole): they import layers, llm/, the two leaf modules errors and checkpoint, and RecBole,
-never the run, the trainer, the config machinery or the lookups; llm/ imports only itself and errors; no cycles."""
+Models are leaves (as in RecBole): they import layers, llm/, the leaf modules errors, checkpoint and environment, and
+RecBole, never the run, the trainer, the config machinery or the lookups; llm/ imports only itself and errors; no cycles."""
 
 import ast
 import os
@@ -10,7 +10,7 @@ import pytest
 from conftest import TESTS_DIR
 
 PACKAGE_DIR = os.path.join(os.path.dirname(TESTS_DIR), "recbole_llm")
-LEAVES = {"recbole_llm.errors", "recbole_llm.checkpoint"}
+LEAVES = {"recbole_llm.errors", "recbole_llm.checkpoint", "recbole_llm.environment"}
 
 
 def module_imports():
