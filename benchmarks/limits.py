@@ -12,6 +12,9 @@ profile's Laser and RSLLM (its `quality` settings), the passes that cost a run i
 - a Laser training step and an RSLLM training step (its unified stage): loss and backward of one training batch;
 - RSLLM's generation: greedy answers to the candidate prompts of `users` users.
 
+Each pass runs in the LLM's weight dtype and, where a run would (cpu_bf16 on a CPU with bf16 matrix units), again
+under bf16 autocast, its share then taken of the bf16 matmul rate.
+
 For each: tokens through the LLM per second (the decoder's unpadded inputs, every call), the FLOPs torch counts
 (FlopCounterMode, a separate run of the same pass) per second of the timed run, and that rate as a share of the
 matrix-product rate of the dtype the pass computes in. The profile's `limits` section sets items, users and steps
@@ -26,13 +29,13 @@ from recbole.data import create_dataset
 from recbole.utils import init_seed
 from torch.utils.flop_counter import FlopCounterMode
 
+import recbole_llm.environment as environment
 from benchmarks.cost import llm_parts
 from benchmarks.report import run_script, write_page
 from benchmarks.settings import benchmark_settings
 from recbole_llm.cold_items import data_preparation
 from recbole_llm.comparison import markdown_table, write_csv
 from recbole_llm.config import Config
-from recbole_llm.environment import cpu_computes_bf16, run_environment
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.quick_start import build_model
 
@@ -48,42 +51,60 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile, out, stamp = benchmark_settings("limits", argv)
     settings = {**DEFAULTS, **(profile.extra.get("limits") or {})}
-    laser, laser_data = built("Laser", profile, no_grad_bf16=True)  # a bf16 copy where the CPU has bf16 units
+    laser, laser_data, laser_config = built("Laser", profile, no_grad_bf16=True)  # a bf16 copy where the CPU has units
     bf16_decoder, laser.run_no_grad_decoder = laser.run_no_grad_decoder, None  # the fp32 passes first
     hidden, ffn = llm_widths(laser)
     matmuls = matmul_rates(hidden, ffn, settings["matmul_tokens"], settings["steps"])
     rate = {row["dtype"]: row["GFLOP/s"] for row in matmuls if row["shape"] == "all"}
-    rows = [
-        measured("item matrix (Laser)", laser, item_pass(laser, settings["items"]), settings["steps"]),
-        measured("training step (Laser)", laser, training_step(laser, laser_data), settings["steps"]),
-    ]
+    steps = settings["steps"]
+    laser_passes = {"item matrix (Laser)": item_pass(laser, settings["items"]),
+                    "training step (Laser)": training_step(laser, laser_data)}
+    rows = passes_as_run(laser_passes, laser, laser_config, steps)
     if bf16_decoder is not None:
         laser.run_no_grad_decoder = bf16_decoder
-        rows.append(measured("item matrix (Laser, no_grad_bf16)", laser, item_pass(laser, settings["items"]),
-                             settings["steps"], decoder=bf16_decoder.__self__))
+        rows.append(measured("item matrix (Laser, no_grad_bf16)", laser, item_pass(laser, settings["items"]), steps,
+                             decoder=bf16_decoder.__self__))
     del laser, laser_data
-    rsllm, rsllm_data = built("RSLLM", profile)
+    rsllm, rsllm_data, rsllm_config = built("RSLLM", profile)
     rsllm.set_stage("unified")
-    rows += [
-        measured("training step (RSLLM, unified)", rsllm, training_step(rsllm, rsllm_data), settings["steps"]),
-        measured("generation (RSLLM)", rsllm, generation(rsllm, rsllm_data, settings["users"]), settings["steps"]),
-    ]
+    rsllm_passes = {"training step (RSLLM, unified)": training_step(rsllm, rsllm_data),
+                    "generation (RSLLM)": generation(rsllm, rsllm_data, settings["users"])}
+    rows += passes_as_run(rsllm_passes, rsllm, rsllm_config, steps)
     for row in rows:
-        row["matmul GFLOP/s"] = rate[row["dtype"]]
-        row["share"] = f"{row['GFLOP/s'] / rate[row['dtype']]:.0%}"
+        row["matmul GFLOP/s"] = rate[row["dtype"].split()[0]]
+        row["share"] = f"{row['GFLOP/s'] / row['matmul GFLOP/s']:.0%}"
     write_results(out, profile, stamp, matmuls, rows)
     return matmuls, rows
 
 
+def passes_as_run(passes, model, config, steps):
+    """Each pass ({label: run}) in its LLM's weight dtype, and again under bf16 autocast where a run computes so
+    (LLMTrainer: cpu_bf16 on a CPU with bf16 units), whose share is then of the bf16 matmul rate."""
+    rows = [measured(label, model, run, steps) for label, run in passes.items()]
+    if config["cpu_bf16"] and environment.cpu_computes_bf16():
+        rows += [measured(f"{label}, bf16 autocast", model, under_bf16_autocast(run), steps, dtype="bfloat16 autocast")
+                 for label, run in passes.items()]
+    return rows
+
+
+def under_bf16_autocast(run):
+    def autocast_run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run()
+
+    return autocast_run
+
+
 def built(model_name, profile, **settings):
-    """The profile's model (its quality settings, then `settings`) and a training batch, as a run builds them."""
+    """The profile's model (its quality settings, then `settings`), a training batch and the config, as a run builds
+    them."""
     config = Config(model=model_name, dataset=profile.dataset,
                     config_dict=profile.run_config({**profile.quality.get(model_name, {}), **settings}))
     init_seed(config["seed"], config["reproducibility"])
     train_data, _, _ = data_preparation(config, create_dataset(config))
     model = build_model(config, train_data._dataset)
     batch = next(iter(train_data)).to(config["device"])
-    return model, batch
+    return model, batch, config
 
 
 def llm_widths(model):
@@ -163,9 +184,9 @@ def generation(model, batch, n_users):
     return run
 
 
-def measured(label, model, run, repeats, decoder=None):
+def measured(label, model, run, repeats, decoder=None, dtype=None):
     """A pass's row: its tokens through the LLM (its `decoder`: the model's own by default), FLOPs and time (best of
-    `repeats` after a counted run)."""
+    `repeats` after a counted run); it computes in `dtype`, by default its decoder's weight dtype."""
     decoder = decoder or llm_parts(model)[0]
     tokens = []
     handle = decoder.register_forward_pre_hook(lambda _, args, kwargs: tokens.append(unpadded(kwargs)),
@@ -175,8 +196,8 @@ def measured(label, model, run, repeats, decoder=None):
     flops, n_tokens = counter.get_total_flops(), sum(tokens)
     handle.remove()
     seconds = best_of(run, repeats)
-    weight_dtype = next(decoder.parameters()).dtype
-    return {"pass": label, "dtype": dtype_name(weight_dtype), "tokens": n_tokens, "seconds": seconds,
+    dtype = dtype or dtype_name(next(decoder.parameters()).dtype)
+    return {"pass": label, "dtype": dtype, "tokens": n_tokens, "seconds": seconds,
             "tokens/s": n_tokens / seconds, "GFLOP": flops / 1e9, "GFLOP/s": flops / seconds / 1e9}
 
 
@@ -199,9 +220,10 @@ def write_results(out, profile, stamp, matmuls, rows):
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"limits-{profile.name}")
     write_csv(stem, [{**row, "kind": "pass"} for row in rows] + [{**row, "kind": "matmul"} for row in matmuls])
-    note = (f"Runs on: {run_environment()}; bf16 matrix units: {'yes' if cpu_computes_bf16() else 'no'}. A pass "
-            f"computes in its LLM's weight dtype (llm_dtype); its share is of that dtype's matmul rate at the LLM's "
-            f"shapes.")
+    units = "yes" if environment.cpu_computes_bf16() else "no"
+    note = (f"Runs on: {environment.run_environment()}; bf16 matrix units: {units}. A pass "
+            f"computes in its LLM's weight dtype (llm_dtype), or under bf16 autocast as a run with cpu_bf16 does on "
+            f"such a CPU; its share is of that dtype's matmul rate at the LLM's shapes.")
     write_page(stem, f"Limits: {profile.dataset}, profile {profile.name}", stamp, [
         ("Matrix products at the LLM's shapes", markdown_table(matmuls, MATMUL_COLUMNS)),
         ("The LLM passes against them", markdown_table(rows, COLUMNS) + "\n\n" + note),

@@ -18,7 +18,7 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from recbole_llm.environment import cpu_computes_bf16
+import recbole_llm.environment as environment
 from recbole_llm.candidate_evaluation import evaluate_candidates
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
 from recbole_llm.distributed import DistributedTrainerMixin, LossModule, is_distributed
@@ -293,7 +293,7 @@ class LLMTrainer(Trainer):
         self.stage = None
         self.validating = False
         super().__init__(config, model)
-        on_bf16_cpu = self.device.type == "cpu" and config["cpu_bf16"] and cpu_computes_bf16()
+        on_bf16_cpu = self.device.type == "cpu" and config["cpu_bf16"] and environment.cpu_computes_bf16()
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or on_bf16_cpu else None
         self.scheduler = None
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit

@@ -30,9 +30,9 @@ def out(tmp_path_factory):
         cost.main(arguments)
         curves.main(arguments)
         cold.main(arguments)
-        with pytest.MonkeyPatch.context() as patch:  # the bf16 copy's row too, on any CPU
+        with pytest.MonkeyPatch.context() as patch:  # the bf16 copy's and the autocast rows too, on any CPU
             patch.setattr(recbole_llm.environment, "cpu_computes_bf16", lambda: True)
-            limits.main(arguments)
+            limits.main([*arguments, "--cpu_bf16=True"])
         scale.main(arguments)
         ablations.main([*arguments, f"--checkpoint_dir={workdir / 'saved'}"])
         yield workdir / "results"
@@ -122,14 +122,17 @@ def test_limits_set_each_llm_pass_against_the_matmul_rate_of_its_dtype(out):
     matmuls = {(row["shape"], row["dtype"]): number(row["GFLOP/s"]) for row in rows if row["kind"] == "matmul"}
     assert {("all", "float32"), ("all", "bfloat16")} <= set(matmuls) and all(rate > 0 for rate in matmuls.values())
     passes = {row["pass"]: row for row in rows if row["kind"] == "pass"}
-    assert list(passes) == ["item matrix (Laser)", "training step (Laser)", "item matrix (Laser, no_grad_bf16)",
-                            "training step (RSLLM, unified)", "generation (RSLLM)"]
+    autocast = [f"{name}, bf16 autocast" for name in ("item matrix (Laser)", "training step (Laser)")]
+    rsllm = ["training step (RSLLM, unified)", "generation (RSLLM)"]
+    # with cpu_bf16 (and bf16 units, faked by the fixture): each pass again as such a run computes it
+    assert list(passes) == ["item matrix (Laser)", "training step (Laser)", *autocast,
+                            "item matrix (Laser, no_grad_bf16)", *rsllm, *(f"{name}, bf16 autocast" for name in rsllm)]
     decoder = load_llm("tiny-llama").model.get_decoder()
     linear_weights = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     for name, row in passes.items():
         tokens, flops = number(row["tokens"]), number(row["GFLOP"]) * 1e9
-        dtype = "bfloat16" if "no_grad_bf16" in name else "float32"
-        assert row["dtype"] == dtype and number(row["matmul GFLOP/s"]) == matmuls[("all", dtype)]
+        dtype = "bfloat16" if "no_grad_bf16" in name else "bfloat16 autocast" if "autocast" in name else "float32"
+        assert row["dtype"] == dtype and number(row["matmul GFLOP/s"]) == matmuls[("all", dtype.split()[0])]
         assert number(row["GFLOP/s"]) == pytest.approx(number(row["GFLOP"]) / number(row["seconds"]))
         assert number(row["tokens/s"]) == pytest.approx(tokens / number(row["seconds"]))
         passes_per_token = 2 if name.startswith("training") else 1  # frozen weights: a backward's input gradients

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_llm.environment import cpu_computes_bf16
+import recbole_llm.environment as environment
 from recbole_llm.errors import is_int, require
 from recbole_llm.llm.backbone import last_hidden_states, llm_decoder, llm_from_config, load_llm
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config
@@ -173,7 +173,7 @@ class Laser(LLMSequentialRecommender):
         LLM held in bf16, cast once (autocast would cast every weight at every call, which costs what the bf16
         products save on short prompts). None otherwise."""
         if not (config["no_grad_bf16"] and self.llm.device.type == "cpu" and self.llm.dtype == torch.float32
-                and cpu_computes_bf16()):
+                and environment.cpu_computes_bf16()):
             return None
         bf16_llm = load_llm(config["llm_path"], config["device"], "bfloat16", False, config["llm_device_map"])
         getLogger().info("no_grad_bf16: item matrices and evaluation through a copy of the LLM held in bf16")
