@@ -1,6 +1,8 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
-summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the cold-start
-page of the cpu profile, of the learning curves of the cpu-long profile, and of the GPU kit's short quality run (benchmarks/gpu/) once it has one.
+summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the cold-start,
+limits, scale and ablation pages of the cpu profile, of the ablation and limits pages of a CPU with bf16 units
+(cpu-bf16), of the learning curves of the cpu-long profile, and of the GPU kit's short quality run
+(benchmarks/gpu/) once it has one.
 
     python -m benchmarks.update_readme
 """
@@ -12,8 +14,9 @@ from recbole_llm.errors import RecBoleLLMError
 
 BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme` from benchmarks/results/ -->"
 END = "<!-- end of benchmark results -->"
-PROFILES = ("cpu", "cpu-long", "gpu")
-BENCHMARKS = {"cpu": ("quality", "cost", "limits", "scale", "cold", "ablations"), "cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
+PROFILES = ("cpu", "cpu-bf16", "cpu-long", "gpu")
+BENCHMARKS = {"cpu": ("quality", "cost", "limits", "scale", "cold", "ablations"), "cpu-bf16": ("ablations", "limits"),
+              "cpu-long": ("curves",)}  # the benchmarks of a profile: quality and cost unless said here
 OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 
