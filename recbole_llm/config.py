@@ -62,7 +62,9 @@ class Config(RecBoleConfig):
     def _convert_config_dict(self, config_dict):
         """RecBole's reading of ``--key=value`` (Python literals, true, false), and lists of words written as YAML
         writes them, which Python cannot read: --item_text_fields=[name,year]."""
-        config_dict = super()._convert_config_dict(config_dict)
+        with warnings.catch_warnings():  # RecBole evals every text: "{title} ({year})" warns, then stays text
+            warnings.simplefilter("ignore", SyntaxWarning)
+            config_dict = super()._convert_config_dict(config_dict)
         for key, value in config_dict.items():
             if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
                 try:

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -67,6 +68,14 @@ def test_plugin_defaults_and_overrides(tmp_path):
                     config_dict=tiny_config(tmp_path, learning_rate=0.02))
     assert config["valid_metric"] == "MRR@10"  # a user's file wins over the plugin's defaults
     assert config["learning_rate"] == 0.02  # a dict (or --key=value) wins over a file
+
+
+def test_a_template_setting_stays_text_without_a_python_warning(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # RecBole evals it: "{a} ({b})" reads as calling a set
+        config = Config(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(tmp_path))
+    assert not [warning for warning in caught if issubclass(warning.category, SyntaxWarning)]
+    assert config["item_text_template"] == "{movie_title} ({release_year})"
 
 
 def test_model_lookup_plugin_first_then_recbole():
