@@ -82,17 +82,10 @@ def passes_as_run(passes, model, config, steps):
     (LLMTrainer: cpu_bf16 on a CPU with bf16 units), whose share is then of the bf16 matmul rate."""
     rows = [measured(label, model, run, steps) for label, run in passes.items()]
     if config["cpu_bf16"] and environment.cpu_computes_bf16():
-        rows += [measured(f"{label}, bf16 autocast", model, under_bf16_autocast(run), steps, dtype="bfloat16 autocast")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # as LLMTrainer.autocast; a decorator too
+        rows += [measured(f"{label}, bf16 autocast", model, autocast(run), steps, dtype="bfloat16 autocast")
                  for label, run in passes.items()]
     return rows
-
-
-def under_bf16_autocast(run):
-    def autocast_run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            run()
-
-    return autocast_run
 
 
 def built(model_name, profile, **settings):

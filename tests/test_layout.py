@@ -1,6 +1,7 @@
 """The layout the README's "How it is built" draws: which modules of recbole_llm import which, read from the source.
 Models are leaves (as in RecBole): they import layers, llm/, the leaf modules errors, checkpoint and environment, and
-RecBole, never the run, the trainer, the config machinery or the lookups; llm/ imports only itself and errors; no cycles."""
+RecBole, never the run, the trainer, the config machinery or the lookups; llm/ imports only itself and errors; no
+cycles."""
 
 import ast
 import os
