@@ -5,6 +5,11 @@ it.
 
 The CF model's training settings are its RecBole defaults (with the plugin's overall.yaml) and ``cf_config``; of
 the LLM model's settings it takes only what decides the data and the split, and where it runs.
+
+A comparison that has the CF model's own row before the LLM model (``--model=SASRec,Laser``) trains it anyway: when
+that row trains as the CF model would (every setting alike but its number of epochs, at least as many), its best
+checkpoint after the CF model's last epoch is the CF model, and is cached then (``caching_cf_models``) instead of
+trained again.
 """
 
 import hashlib
@@ -20,8 +25,9 @@ from recbole_llm.cold_items import data_preparation
 from recbole_llm.config import Config
 from recbole_llm.distributed import synchronize, writes_files
 from recbole_llm.errors import RecBoleLLMError
+from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.model.collaborative import CF_MODELS, item_id_fingerprint
-from recbole_llm.utils import get_trainer
+from recbole_llm.utils import get_model, get_trainer
 
 # The LLM model's settings the CF model is trained with, beside RecBole's data settings (config.parameters["Dataset"]):
 # the split, and where and how visibly it runs. cf_config goes on top.
@@ -94,6 +100,51 @@ def train_into_cache(cf_config, dataset, path):
             if partial and os.path.isfile(partial):
                 os.remove(partial)
     getLogger().info(f"collaborative model: trained {model_name}, saved to {path}")
+
+
+def cf_training_configs(model_configs):
+    """{CF model name: [the Config each LLM model's CF model would be trained with]} of the given configs of a run's
+    models, for those that read a CF model and name no cf_checkpoint."""
+    wanted = {}
+    for config in model_configs:
+        model_class = get_model(config["model"])
+        if issubclass(model_class, LLMSequentialRecommender) and model_class.reads_cf_model(config) \
+                and not config["cf_checkpoint"]:
+            wanted.setdefault(config["cf_model"], []).append(cf_training_config(config))
+    return wanted
+
+
+def caching_cf_models(row_config, trainer, dataset, cf_configs, callback_fn=None):
+    """RecBole's fit callback for a row (`row_config`, its `trainer`, its training `dataset`) that trains as some of
+    `cf_configs` would but for more epochs: after each one's last epoch, the row's best checkpoint so far is cached as
+    that CF model (unless cached already); then callback_fn(epoch, valid_score)."""
+    alike = [cf_config for cf_config in cf_configs if trains_alike(row_config, cf_config)]
+
+    def callback(epoch_idx, valid_score):
+        for cf_config in alike:
+            path = cached_checkpoint_path(cf_config, dataset)
+            if epoch_idx + 1 == cf_config["epochs"] and not os.path.isfile(path):
+                checkpoint = load_checkpoint(trainer.saved_model_file)
+                checkpoint.update(config=cf_config, item_id_fingerprint=item_id_fingerprint(dataset))
+                save_checkpoint_atomically(checkpoint, path)
+                getLogger().info(f"collaborative model: the {cf_config['model']} of epochs 1-{cf_config['epochs']} of "
+                                 f"this run, cached as the CF model it repeats: {path}")
+        if callback_fn:
+            callback_fn(epoch_idx, valid_score)
+
+    return callback
+
+
+def trains_alike(row_config, cf_config):
+    """Whether a row trains the CF model over its first cf_config['epochs'] epochs, validating after each: the same
+    model and every setting of the CF model's that is in its cache key, except the number of epochs (the row's at
+    least as many)."""
+    if row_config["model"] != cf_config["model"] or row_config["epochs"] < cf_config["epochs"] \
+            or row_config["eval_step"] != 1:
+        return False
+    settings = cf_config.final_config_dict
+    return all(row_config[key] == value for key, value in settings.items()
+               if key not in NOT_IN_CACHE_KEY and key != "epochs")
 
 
 def cached_checkpoint_path(cf_config, dataset):

@@ -17,7 +17,7 @@ from recbole.data import create_dataset
 from recbole.utils import get_local_time, init_logger, init_seed, set_color
 
 from recbole_llm.candidate_evaluation import sequential_test_data
-from recbole_llm.cf_training import trained_checkpoint
+from recbole_llm.cf_training import caching_cf_models, cf_training_configs, trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.cold_items import cold_test_result, data_preparation
 from recbole_llm.comparison import SIGNIFICANCE_SETTINGS, with_companions, write_comparison
@@ -44,9 +44,11 @@ def build_model(config, dataset):
     return model_class(config, dataset).to(config["device"])
 
 
-def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, callback_fn=None):
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, callback_fn=None,
+                    cf_configs=()):
     """Train, validate and test one model; returns RecBole's result dict plus sizes and timings. callback_fn(epoch,
-    valid_score) is called after every validation (RecBole's Trainer.fit argument)."""
+    valid_score) is called after every validation (RecBole's Trainer.fit argument). cf_configs: the CF models that
+    later models of a comparison read, cached from this run where it trains as one would (caching_cf_models)."""
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     resume = resume_file(config)
     if resume:
@@ -81,6 +83,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if resume:
         trainer.resume_checkpoint(resume)
+    if cf_configs and saved:
+        callback_fn = caching_cf_models(config, trainer, train_data._dataset, cf_configs, callback_fn)
     train_start = time()
     try:
         best_valid_score, best_valid_result = trainer.fit(
@@ -120,6 +124,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "trainable_parameters": trainable,
         "total_parameters": total,
         "tested_stage": model.stage if isinstance(model, LLMSequentialRecommender) else None,
+        "autocast": "bf16" if getattr(trainer, "amp_dtype", None) else None,  # what the LLM's passes computed in
         "train_time": eval_start - train_start,
         "eval_time": eval_end - eval_start,
         "saved_model_file": trainer.saved_model_file if saved else None,
@@ -172,11 +177,17 @@ def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, s
     references = check_references(models, references)
     results = []
     for seed in seeds or [None]:
+        run_config_dicts = {}
         for name in models:
-            model_config_dict = {**(config_dict or {}), **model_config_dicts.get(name, {})}
+            run_config_dicts[name] = {**(config_dict or {}), **model_config_dicts.get(name, {})}
             if seed is not None:
-                model_config_dict["seed"] = seed
-            results.append(run_recbole_llm(name, dataset, config_file_list, model_config_dict, saved))
+                run_config_dicts[name]["seed"] = seed
+        # a CF model an LLM model reads, cached from its own row when that row comes first and trains as it would
+        cf_configs = cf_training_configs(Config(model=name, dataset=dataset, config_file_list=config_file_list,
+                                                config_dict=run_config_dicts[name]) for name in models)
+        for name in models:
+            results.append(run_recbole_llm(name, dataset, config_file_list, run_config_dicts[name], saved,
+                                           cf_configs=cf_configs.get(name, ())))
     if (config_dict or {}).get("local_rank", 0) != 0:
         return results  # local rank 0 writes the table
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.

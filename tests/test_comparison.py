@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZES, TINY_DATASET, tiny_config
+import recbole_llm.cf_training as cf_training
+from conftest import SIZES, TINY_CF, TINY_DATASET, tiny_config, tiny_run
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import Config
 from recbole_llm.quick_start import run_recbole_llms
 from recbole_llm.statistics import holm, paired_difference, paired_p_value
 from run_recbole_llm import main
@@ -163,6 +165,37 @@ def test_two_seeds_train_two_models_each_on_a_cf_model_of_its_own(workdir):
     assert [(row["model"], row["seed"]) for row in rows[:2]] == [("Laser", "2020,2021"),
                                                                ("SASRec (CF model of Laser)", "2020,2021")]
     assert float(rows[0]["test ndcg@10"]) == pytest.approx(np.mean([r["test_result"]["ndcg@10"] for r in results]))
+
+
+def test_the_cf_models_own_row_caches_its_first_epochs_as_the_cf_model_a_later_row_reads(workdir, monkeypatch):
+    """--model=SASRec,Laser trains SASRec once: the row's best of its first cf_config epochs is the CF model, the same
+    weights a CF training of its own gives; a row that trains otherwise caches nothing."""
+    folder, alone = workdir / "cf-from-row", workdir / "cf-alone"
+    laser = {**SIZES["Laser"], "cf_config": {**TINY_CF, "epochs": 2}}
+    row = {key: TINY_CF[key] for key in ("hidden_size", "inner_size", "n_layers", "train_batch_size")}
+    trained = []
+    monkeypatch.setattr(cf_training, "train_into_cache", lambda *args: trained.append(args))
+    results = run_recbole_llms(["SASRec", "Laser"], TINY_DATASET, config_dict=tiny_config(folder),
+                               model_config_dicts={"SASRec": {**row, "epochs": 3}, "Laser": laser})
+    assert trained == []  # Laser read the row's SASRec: no CF model was trained for it
+    monkeypatch.undo()
+    run = tiny_run("Laser", alone, cf_config=laser["cf_config"])
+    own = load_checkpoint(cf_training.trained_checkpoint(run.config, run.train_data._dataset))
+    [name] = [name for name in os.listdir(folder / "saved") if name.startswith("cf-SASRec")]
+    assert os.listdir(alone / "saved").count(name) == 1  # the same cache key
+    cached = load_checkpoint(folder / "saved" / name)
+    assert cached["state_dict"].keys() == own["state_dict"].keys()
+    assert all(torch.equal(cached["state_dict"][key], own["state_dict"][key]) for key in own["state_dict"])
+    assert cached["config"]["epochs"] == 2 and cached["item_id_fingerprint"] == own["item_id_fingerprint"]
+
+    cf_config = cf_training.cf_training_config(run.config)
+
+    def sasrec(**settings):
+        return Config(model="SASRec", dataset=TINY_DATASET, config_dict=tiny_config(folder, **{**row, **settings}))
+    assert cf_training.trains_alike(sasrec(epochs=3), cf_config)
+    assert not cf_training.trains_alike(sasrec(epochs=1), cf_config)  # fewer epochs than the CF model's
+    assert not cf_training.trains_alike(sasrec(epochs=3, hidden_size=64), cf_config)
+    assert not cf_training.trains_alike(sasrec(epochs=3, learning_rate=0.01), cf_config)
 
 
 # ---- the command line ----------------------------------------------------------------------------------------------
