@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_picks, scale
-from benchmarks.settings import load_profile
+from benchmarks.settings import PROFILES_DIR, labelled_runs, load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import RSLLM_SIZES, TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
 import recbole_llm.environment
+from recbole_llm.config import Config
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
 
@@ -189,8 +190,28 @@ def test_readme_shows_the_committed_results():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-bf16, cpu-long, gpu, smoke"):
+    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-bf16, cpu-epoch, cpu-long, "
+                                              "gpu, smoke"):
         quality.main(["--profile=nope"])
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in PROFILES_DIR.glob("*.yaml")))
+def test_every_run_of_a_committed_profile_names_a_model_and_its_settings(name, monkeypatch):
+    """A typo in a profile (a model, a setting) fails here, not an hour into a benchmark."""
+    monkeypatch.chdir(PROFILES_DIR.parent.parent)  # the smoke profile's data_path is relative to the repository
+    profile, configs = load_profile(name), {}
+    sections = [profile.cost, profile.cold, labelled_runs(profile.extra.get("equal_samples"))]
+    sections += [{label: {"model": model, **(settings or {})} for label, settings in runs.items()}
+                 for model, runs in (profile.extra.get("ablations") or {}).items() if model != "seeds"]
+    runs = [{"model": model, **settings} for model, settings in profile.quality.items()]
+    runs += [settings for section in sections for settings in section.values()]
+    assert runs
+    for settings in runs:
+        model = settings["model"]
+        if model not in configs:
+            configs[model] = Config(model=model, dataset=profile.dataset, config_dict=profile.config)
+        unknown = set(settings) - {"model"} - set(configs[model].final_config_dict)
+        assert not unknown, f"{name}: {model} has no setting {unknown}"
 
 
 def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(out):
