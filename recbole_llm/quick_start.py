@@ -83,7 +83,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if resume:
         trainer.resume_checkpoint(resume)
-    if cf_configs and saved:
+    if cf_configs and saved and writes_files(config):  # one process writes the cache
         callback_fn = caching_cf_models(config, trainer, train_data._dataset, cf_configs, callback_fn)
     train_start = time()
     try:
