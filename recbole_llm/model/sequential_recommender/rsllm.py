@@ -372,8 +372,9 @@ class RSLLM(LLMSequentialRecommender):
     def candidate_log_likelihoods(self, item_seq, item_len, candidates):
         """How likely the LLM finds each candidate's title, then the end token, as the answer to the history's [B, L]
         user prompt and its candidates [B, C] (BIGRec's and TALLRec's ranking): the log-likelihood summed over the
-        answer's tokens [B, C] and their number [B, C]. The prompt runs once; every candidate's answer continues
-        from its keys and values, and the LM head reads one answer position at a time (a [B * C, vocab] slice)."""
+        answer's tokens [B, C] and their number [B, C]. The prompt runs once; then, one candidate of every user at a
+        time, the answers continue from its keys and values, which are cut back to the prompt after each (a copy per
+        candidate would hold C times the prompt's cache: 15 GB for 64 users of SmolLM2's 30 layers in fp32)."""
         n_users, n_candidates = candidates.shape
         prompt = joined(self.user_prompt(item_seq, item_len), self.candidate_list(candidates))
         decoder = self.llm.get_base_model().get_decoder()
@@ -381,24 +382,27 @@ class RSLLM(LLMSequentialRecommender):
         prompt_output = decoder(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
                                 position_ids=prompt.position_ids, use_cache=True)
         cache = prompt_output[cache_argument]  # the output names its cache as the argument does
-        cache.batch_repeat_interleave(n_candidates)  # one copy of the prompt's keys and values per candidate
-        answer_ids, in_answer = self.answer_tokens(candidates.reshape(-1))  # [B * C, A]
-        answer_states = decoder(
-            inputs_embeds=self.input_embeddings()(answer_ids),
-            attention_mask=torch.cat([prompt.attention_mask.repeat_interleave(n_candidates, 0), in_answer.long()], 1),
-            position_ids=answer_positions(prompt, answer_ids.shape[1]).repeat_interleave(n_candidates, 0),
-            use_cache=False, **{cache_argument: cache},
-        ).last_hidden_state  # [B * C, A, d_llm]
-        # an answer's first token is predicted where the prompt ends, each other token where the one before it is
-        predicting = torch.cat([prompt_output.last_hidden_state[:, -1:].repeat_interleave(n_candidates, 0),
-                                answer_states[:, :-1]], dim=1)  # [B * C, A, d_llm]
+        prompt_length = cache.get_seq_length()
+        answer_ids, in_answer = self.answer_tokens(candidates.reshape(-1))
+        answer_ids, in_answer = answer_ids.view(n_users, n_candidates, -1), in_answer.view(n_users, n_candidates, -1)
+        positions = answer_positions(prompt, answer_ids.shape[-1])  # [B, A]
         lm_head = self.llm.get_output_embeddings()
-        log_probs = torch.stack([
-            lm_head(predicting[:, position]).float().log_softmax(-1).gather(1, answer_ids[:, position, None])[:, 0]
-            for position in range(answer_ids.shape[1])
-        ], dim=1)  # [B * C, A]
-        sums = (log_probs * in_answer).sum(1).reshape(n_users, n_candidates)
-        return sums, in_answer.sum(1).reshape(n_users, n_candidates)
+        sums = []
+        for candidate in range(n_candidates):
+            ids, answered = answer_ids[:, candidate], in_answer[:, candidate]  # [B, A]
+            answer_states = decoder(
+                inputs_embeds=self.input_embeddings()(ids),
+                attention_mask=torch.cat([prompt.attention_mask, answered.long()], 1),
+                position_ids=positions, use_cache=False, **{cache_argument: cache},
+            ).last_hidden_state  # [B, A, d_llm]
+            answer_tokens = cache.get_seq_length() - prompt_length
+            if answer_tokens:  # the answer's keys and values go: the next candidate follows the prompt
+                cache.crop(-answer_tokens)
+            # an answer's first token is predicted where the prompt ends, each other token where the one before it is
+            predicting = torch.cat([prompt_output.last_hidden_state[:, -1:], answer_states[:, :-1]], dim=1)
+            log_probs = lm_head(predicting).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]  # [B, A]
+            sums.append((log_probs * answered).sum(1))
+        return torch.stack(sums, dim=1), in_answer.sum(-1)
 
 
 def info_nce(queries, keys, positives, tau):
