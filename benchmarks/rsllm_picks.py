@@ -31,6 +31,7 @@ from benchmarks.settings import benchmark_settings, split_arguments
 from recbole_llm.comparison import markdown_table, write_csv
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
 from recbole_llm.statistics import paired_difference, with_holm
+from recbole_llm.trainer import autocast_dtype
 
 VARIANTS = ("as trained", "ID slots zeroed", "ID slots shuffled")
 HITS = ("hr@1_x_valid_ratio", "hr@1_ranked")
@@ -48,8 +49,10 @@ def main(argv=None):
     config, model, dataset, _, _, test_data = load_data_and_model(checkpoint)
     config["n_candidate_users"] = int(own["users"]) if own.get("users") else None
     rows, per_user = [], {}
+    dtype = autocast_dtype(config, model.device)  # the passes compute as the run's evaluation computed them
     for variant in VARIANTS:
-        with slots_as(model, variant, config["seed"]), recorded_picks() as picks:
+        with slots_as(model, variant, config["seed"]), recorded_picks() as picks, \
+                torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
             metrics, per_user[variant] = candidate_evaluation.evaluate_candidates(model, test_data, config)
         rows.append({"variant": variant, **metrics, **pick_positions(picks, config["n_candidates"])})
     for metric in HITS:  # Holm over the variants, per metric

@@ -46,6 +46,13 @@ def load_model_state(model, checkpoint):
         model.load_other_parameter(checkpoint.get("other_parameter"))
 
 
+def autocast_dtype(config, device):
+    """What an LLM model's passes compute in under autocast: bf16 on a GPU, and on a CPU with bf16 matrix units where
+    cpu_bf16 is on; None (fp32) otherwise."""
+    on_bf16_cpu = device.type == "cpu" and config["cpu_bf16"] and environment.cpu_computes_bf16()
+    return torch.bfloat16 if device.type == "cuda" or on_bf16_cpu else None
+
+
 def model_state(model):
     """What a checkpoint holds of its model: load_model_state's inverse."""
     if isinstance(model, LLMSequentialRecommender):
@@ -293,8 +300,7 @@ class LLMTrainer(Trainer):
         self.stage = None
         self.validating = False
         super().__init__(config, model)
-        on_bf16_cpu = self.device.type == "cpu" and config["cpu_bf16"] and environment.cpu_computes_bf16()
-        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" or on_bf16_cpu else None
+        self.amp_dtype = autocast_dtype(config, self.device)
         self.scheduler = None
         self._resume_from = None  # a checkpoint given to resume_checkpoint, applied by fit
 
