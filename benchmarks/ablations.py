@@ -176,12 +176,21 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
             f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
-            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: "
-            f"{'; '.join(sorted({run.get('environment', 'an unrecorded machine') for run in runs}))}.")
+            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)
     print(f"written: {stem}.md, .csv ({len(runs)} runs)")
+
+
+def machines(runs):
+    """Each machine the runs ran on; where there are several, the runs of all but the most used one by name."""
+    by_machine = {}
+    for run in runs:
+        by_machine.setdefault(run.get("environment", "an unrecorded machine"), []).append(run)
+    ordered = sorted(by_machine.items(), key=lambda item: -len(item[1]))
+    named = [(machine, ", ".join(f"{run['model']} seed {run['seed']}" for run in runs)) for machine, runs in ordered[1:]]
+    return "; ".join([ordered[0][0]] + [f"{machine} ({names})" for machine, names in named])
 
 
 def mean_std(values):
