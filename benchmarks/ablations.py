@@ -189,7 +189,8 @@ def machines(runs):
     for run in runs:
         by_machine.setdefault(run.get("environment", "an unrecorded machine"), []).append(run)
     ordered = sorted(by_machine.items(), key=lambda item: -len(item[1]))
-    named = [(machine, ", ".join(f"{run['model']} seed {run['seed']}" for run in runs)) for machine, runs in ordered[1:]]
+    named = [(machine, ", ".join(f"{run['model']} seed {run['seed']}" for run in runs))
+             for machine, runs in ordered[1:]]
     return "; ".join([ordered[0][0]] + [f"{machine} ({names})" for machine, names in named])
 
 

@@ -11,16 +11,18 @@ the seed, or all) get LLaRA's candidate protocol (n_candidates items, the target
 - ID slots zeroed: every projected ID in the prompts (history and candidates) set to 0, so the LLM reads titles alone;
 - ID slots shuffled: each item's slot holds another item's projected ID (a fixed random permutation of the items).
 
-A model that ignores its slots picks alike in all three.
+A model that ignores its slots picks alike in all three. Beside them, on the same users and candidates, two ID
+pickers that take their best-scored candidate: the items' popularity (their count among the training split's next
+items) and the CF model whose item embeddings fill RSLLM's ID slots.
 
 For each: LLaRA's HR@1, ValidRatio and HR@1 x ValidRatio (greedy answers), HR@1 of the title ranked most likely
 (per token), and where the picks sit in the listed order: the share of answers naming the first and the last listed
 candidate (1/n_candidates each for a model that reads the user; the targets are placed uniformly), and the largest
-share any one position gets. Paired intervals of each variant's hits against the trained model's, over the same
-users. Writes rsllm-picks-<dataset>.md and .csv.
+share any one position gets. Paired intervals of each row's hits against the trained model's, over the same users. Writes rsllm-picks-<dataset>.md and .csv.
 """
 
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from recbole_llm.statistics import paired_difference, with_holm
 from recbole_llm.trainer import autocast_dtype
 
 VARIANTS = ("as trained", "ID slots zeroed", "ID slots shuffled")
+POPULARITY, CF_MODEL = "popularity (training counts)", "CF model (its ID slots)"
 HITS = ("hr@1_x_valid_ratio", "hr@1_ranked")
 
 
@@ -46,16 +49,19 @@ def main(argv=None):
     checkpoint = own.get("checkpoint") or run_recbole_llm(
         "RSLLM", profile.dataset, config_dict=profile.run_config(profile.quality.get("RSLLM", {}))
     )["saved_model_file"]
-    config, model, dataset, _, _, test_data = load_data_and_model(checkpoint)
+    config, model, dataset, train_data, _, test_data = load_data_and_model(checkpoint)
     config["n_candidate_users"] = int(own["users"]) if own.get("users") else None
+    pickers = [(variant, model, slots_as(model, variant, config["seed"])) for variant in VARIANTS]
+    pickers += [(POPULARITY, Popularity(train_data, model.device), nullcontext()),
+                (CF_MODEL, model.cf_encoder.recommender, nullcontext())]
     rows, per_user = [], {}
     dtype = autocast_dtype(config, model.device)  # the passes compute as the run's evaluation computed them
-    for variant in VARIANTS:
-        with slots_as(model, variant, config["seed"]), recorded_picks() as picks, \
-                torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            metrics, per_user[variant] = candidate_evaluation.evaluate_candidates(model, test_data, config)
-        rows.append({"variant": variant, **metrics, **pick_positions(picks, config["n_candidates"])})
-    for metric in HITS:  # Holm over the variants, per metric
+    autocast = torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None)
+    for name, picker, slots in pickers:
+        with slots, recorded_picks() as picks, autocast:
+            metrics, per_user[name] = candidate_evaluation.evaluate_candidates(picker, test_data, config)
+        rows.append({"variant": name, **metrics, **pick_positions(picks, config["n_candidates"])})
+    for metric in HITS:  # Holm over the other rows, per metric
         differences = with_holm([
             paired_difference(per_user[row["variant"]][metric], per_user[VARIANTS[0]][metric],
                               resamples=config["bootstrap_resamples"], test=config["significance_test"])
@@ -65,6 +71,23 @@ def main(argv=None):
             row[f"Δ {metric} vs as trained"] = difference.text(config["significance_level"])
     write_results(out, stamp, dataset.dataset_name, checkpoint, model, rows)
     return rows
+
+
+class Popularity(torch.nn.Module):
+    """Scores every item by its count among the training split's next items (RecBole's Pop counts the same items)."""
+
+    def __init__(self, train_data, device):
+        super().__init__()
+        dataset = train_data._dataset
+        counts = torch.bincount(dataset.inter_feat[dataset.iid_field], minlength=dataset.item_num)
+        self.register_buffer("counts", counts.float().to(device))
+
+    @property
+    def device(self):
+        return self.counts.device
+
+    def full_sort_predict(self, interaction):
+        return self.counts.expand(len(interaction), -1)
 
 
 class slots_as:

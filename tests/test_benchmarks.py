@@ -190,8 +190,8 @@ def test_readme_shows_the_committed_results():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    with pytest.raises(RecBoleLLMError, match="profile 'nope' not found: use one of cpu, cpu-bf16, cpu-epoch, cpu-long, "
-                                              "gpu, smoke"):
+    known = "cpu, cpu-bf16, cpu-epoch, cpu-long, gpu, smoke"
+    with pytest.raises(RecBoleLLMError, match=f"profile 'nope' not found: use one of {known}"):
         quality.main(["--profile=nope"])
 
 
@@ -275,7 +275,8 @@ def test_rsllm_picks_read_the_model_with_its_id_slots_as_trained_zeroed_and_shuf
     checkpoint = run_recbole_llm("RSLLM", TINY_DATASET, config_dict=config_dict)["saved_model_file"]
     rows = rsllm_picks.main([f"--checkpoint={checkpoint}", "--users=24", "--profile=smoke", f"--out={out}"])
 
-    assert [row["variant"] for row in rows] == list(rsllm_picks.VARIANTS)
+    assert [row["variant"] for row in rows] == [*rsllm_picks.VARIANTS, rsllm_picks.POPULARITY, rsllm_picks.CF_MODEL]
+    assert [row["valid_ratio"] for row in rows[-2:]] == [1.0, 1.0]  # the ID pickers name their best-scored candidate
     for row in rows:
         assert 0 <= row["hr@1_ranked"] <= 1 and 0 <= row["valid_ratio"] <= 1
         assert 0 <= row["likeliest first"] <= row["likeliest top position"] <= 1  # shares of the 24 users' picks
