@@ -105,7 +105,7 @@ def kept(result, model, label):
         "test_per_user": {"user_id": [str(u) for u in per_user["user_id"]],
                           **{metric: per_user[metric].tolist() for metric in METRICS}},
         "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
-        "environment": run_environment() + (", bf16 autocast" if result["autocast"] else ""),
+        "environment": run_environment(), "autocast": result["autocast"],
     }
 
 
