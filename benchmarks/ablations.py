@@ -13,12 +13,11 @@ so far.
 """
 
 import json
-import os
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 
+from benchmarks.kept_runs import claimed
 from benchmarks.report import run_script, write_page
 from benchmarks.settings import benchmark_settings, split_arguments
 from recbole_llm.comparison import markdown_table, reference_differences, write_csv
@@ -54,29 +53,6 @@ def main(argv=None):
                         result = run_recbole_llm(model, profile.dataset, config_dict=config_dict)
                         path.write_text(json.dumps(kept(result, model, label)))
     write_ablation_page(profile, plan, runs_dir, out, stamp)
-
-
-@contextmanager
-def claimed(path):
-    """Whether this process runs the run kept at `path`: not when it is kept already or another live process
-    claimed it (two processes can share a benchmark's runs)."""
-    claim = path.with_suffix(".running")
-    if path.exists() or (claim.exists() and process_alive(int(claim.read_text() or 0))):
-        yield False
-        return
-    claim.write_text(str(os.getpid()))
-    try:
-        yield True
-    finally:
-        claim.unlink(missing_ok=True)
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return False
-    return pid > 0
 
 
 def ablation_plan(profile):

@@ -173,21 +173,13 @@ def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, s
     one comparison table, with the CF model each LLM model is built on beside it, and every row's paired difference
     to the ``references`` (model names of ``models``; None: the first model). ``model_config_dicts`` ({model: dict})
     adds settings of single models on top of ``config_dict``."""
-    model_config_dicts = model_config_dicts or {}
     references = check_references(models, references)
     results = []
     for seed in seeds or [None]:
-        run_config_dicts = {}
-        for name in models:
-            run_config_dicts[name] = {**(config_dict or {}), **model_config_dicts.get(name, {})}
-            if seed is not None:
-                run_config_dicts[name]["seed"] = seed
-        # a CF model an LLM model reads, cached from its own row when that row comes first and trains as it would
-        cf_configs = cf_training_configs(Config(model=name, dataset=dataset, config_file_list=config_file_list,
-                                                config_dict=run_config_dicts[name]) for name in models)
-        for name in models:
-            results.append(run_recbole_llm(name, dataset, config_file_list, run_config_dicts[name], saved,
-                                           cf_configs=cf_configs.get(name, ())))
+        for name, run_config_dict, cf_configs in comparison_runs(models, dataset, config_file_list, config_dict,
+                                                                  model_config_dicts, seed):
+            results.append(run_recbole_llm(name, dataset, config_file_list, run_config_dict, saved,
+                                           cf_configs=cf_configs))
     if (config_dict or {}).get("local_rank", 0) != 0:
         return results  # local rank 0 writes the table
     # RecBole's loggers add a handler per run; the table goes to stdout once, after all runs.
@@ -199,6 +191,20 @@ def run_recbole_llms(models, dataset, config_file_list=None, config_dict=None, s
     print(markdown)
     print(f"comparison written to {table_path}.md, {table_path}.csv and {table_path}-users.csv (every test user)")
     return results
+
+
+def comparison_runs(models, dataset, config_file_list, config_dict, model_config_dicts, seed):
+    """The runs of one seed of a comparison (None: the config's), in order: [(model, its config dict, the CF model
+    configs its run caches where it trains as one: those of the LLM models that read it)]."""
+    run_config_dicts = {}
+    for name in models:
+        run_config_dicts[name] = {**(config_dict or {}), **(model_config_dicts or {}).get(name, {})}
+        if seed is not None:
+            run_config_dicts[name]["seed"] = seed
+    # a CF model an LLM model reads, cached from its own row when that row comes first and trains as it would
+    cf_configs = cf_training_configs(Config(model=name, dataset=dataset, config_file_list=config_file_list,
+                                            config_dict=run_config_dicts[name]) for name in models)
+    return [(name, run_config_dicts[name], cf_configs.get(name, ())) for name in models]
 
 
 def check_references(models, references):

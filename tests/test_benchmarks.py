@@ -82,6 +82,21 @@ def test_quality_has_a_row_per_model_and_per_cf_model_with_sane_metrics(out):
     assert_page(out, "quality-smoke", expected)
 
 
+def test_quality_goes_on_from_the_runs_it_kept_and_waits_for_a_claimed_one(out, tmp_path, monkeypatch):
+    [runs] = (out.parent / "saved").glob("quality-smoke-*-runs")
+    shutil.copytree(runs, tmp_path / "saved" / runs.name)
+    monkeypatch.chdir(tmp_path)  # the runs kept as the fixture's call left them
+    monkeypatch.setattr(quality, "run_recbole_llm", lambda *args, **kwargs: pytest.fail("a kept run was made again"))
+    arguments = ["--profile=smoke", f"--out={tmp_path / 'results'}", f"--data_path={TESTS_DIR}/data"]
+    rows = quality.main(arguments)
+    assert [(row["model"], row["test ndcg@10"]) for row in rows] == \
+        [(row["model"], number(row["test ndcg@10"])) for row in read_rows(out / "quality-smoke.csv")]
+    kept = tmp_path / "saved" / runs.name / "RSLLM-2020.pickle"
+    kept.unlink()
+    kept.with_suffix(".running").write_text(str(os.getpid()))  # another live process is making it
+    assert quality.main(arguments) is None
+
+
 def test_curves_have_a_point_per_validation_of_each_llm_model(out):
     points = read_rows(out / "curves-smoke.csv")
     for model in ("Laser", "RSLLM"):  # one epoch of 2 batches of 8 in each of their two stages
