@@ -50,6 +50,7 @@ def main(argv=None):
         "RSLLM", profile.dataset, config_dict=profile.run_config(profile.quality.get("RSLLM", {}))
     )["saved_model_file"]
     config, model, dataset, train_data, _, test_data = load_data_and_model(checkpoint)
+    stamp.seeds = [config["seed"]]  # the one trained model's, not the profile's list
     config["n_candidate_users"] = int(own["users"]) if own.get("users") else None
     pickers = [(variant, model, slots_as(model, variant, config["seed"])) for variant in VARIANTS]
     pickers += [(POPULARITY, Popularity(train_data, model.device), nullcontext()),
