@@ -34,17 +34,19 @@ def answers_candidates(model):
 
 
 def evaluate_candidates(model, eval_data, config):
-    """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with the seed (all of them
-    when None), each with n_candidates candidates drawn with the seed; and HR@1 and NDCG@5 of the candidates as the
-    model ranks them (candidate_rankings), an answer that is never invalid. Returns the metrics and each user's
-    outcomes ({"user_id": RecBole's ids, metric: [n_users]}, the users in the drawn order: the same for every
-    model), for paired comparisons."""
+    """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with candidate_seed (all of
+    them when None), each with n_candidates candidates drawn with it (the same for every model and seed); and HR@1
+    and NDCG@5 of the candidates as the model ranks them (candidate_rankings), an answer that is never invalid.
+    Returns the metrics and each user's outcomes ({"user_id": RecBole's ids, metric: [n_users]}, the users in the
+    drawn order: the same for every model), for paired comparisons."""
     interactions = cat_interactions([interaction for interaction, *_ in eval_data])
     if is_distributed(config):  # every process draws from all users, as one process does
         fields = sorted(interactions.interaction)  # one order in every process (RecBole keeps the fields in a set)
         columns = gather_in_sample_order(evaluated_samples(eval_data), [interactions[field] for field in fields])
         interactions = Interaction(dict(zip(fields, columns)))
-    generator = torch.Generator().manual_seed(config["seed"])
+    draw_seed = config["candidate_seed"]
+    generator = torch.Generator().manual_seed(config["seed"] if draw_seed is None else draw_seed)  # None: a checkpoint
+    # written before candidate_seed, which drew with the run's seed
     users = torch.randperm(len(interactions), generator=generator)[: config["n_candidate_users"] or len(interactions)]
     interactions = interactions[users]
     dataset = eval_data._dataset

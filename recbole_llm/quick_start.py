@@ -61,6 +61,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     cap = config["train_batches_per_epoch"]
     require(config, "train_batches_per_epoch", cap is None or is_int(cap) and cap > 0,
             "use a positive number of batches, or None for every training prefix")
+    require(config, "candidate_seed", config["candidate_seed"] is None or is_int(config["candidate_seed"]),
+            "use an integer: it draws the candidate protocol's users and candidates")
     if writes_files(config):  # the other processes of a multi-process run only report errors, on stderr
         init_logger(config)
     logger = getLogger()

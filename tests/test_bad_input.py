@@ -148,6 +148,10 @@ def test_train_batches_per_epoch_that_is_not_a_count(cli):
                                                                                  train_batches_per_epoch=0)
 
 
+def test_candidate_seed_that_is_not_an_integer(cli):
+    assert "candidate_seed is 'first': use an integer" in cli(model="SASRec", candidate_seed="first")
+
+
 def test_llm_path_that_does_not_exist(cli, tmp_path):
     assert f"llm_path '{tmp_path}/no-such-model' does not exist" in cli(llm_path=str(tmp_path / "no-such-model"))
 

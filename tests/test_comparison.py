@@ -86,9 +86,10 @@ def test_holm_step_down_by_hand():
 
 @pytest.fixture(scope="module")
 def two_seeds(workdir):
-    """Pop and SASRec on the tiny data, seeds 2020 and 2021, compared with both."""
+    """Pop and SASRec on the tiny data, seeds 2020 and 2021, compared with both; the candidate protocol on 50 users."""
     folder = workdir / "two-seeds"
-    results = run_recbole_llms(["Pop", "SASRec"], TINY_DATASET, config_dict=tiny_config(folder), seeds=[2020, 2021],
+    config = tiny_config(folder, candidate_eval=True, n_candidate_users=50)
+    results = run_recbole_llms(["Pop", "SASRec"], TINY_DATASET, config_dict=config, seeds=[2020, 2021],
                                references=["Pop", "SASRec"])
     return results, comparison_files(folder / "saved")
 
@@ -101,19 +102,31 @@ def test_each_users_metrics_average_to_the_metric_recbole_reports(two_seeds):
         per_user = result["test_per_user"]
         assert len(per_user["user_id"]) == len(set(per_user["user_id"])) == 300  # every test user once
         for metric, value in result["test_result"].items():  # Pop's many ties broken as RecBole breaks them
-            assert per_user[metric].mean() == pytest.approx(value, abs=1e-6), metric
-            assert np.all((per_user[metric] >= 0) & (per_user[metric] <= 1))
+            users = result["test_per_user" if metric in per_user else "candidate_per_user"]
+            if metric in ("hr@1_candidates", "valid_ratio"):  # kept per user as their product, hr@1_x_valid_ratio
+                continue
+            assert users[metric].mean() == pytest.approx(value, abs=1e-6), metric
+            assert np.all((users[metric] >= 0) & (users[metric] <= 1))
 
 
 def test_the_users_csv_holds_every_user_run_and_metric(two_seeds):
     results, stem = two_seeds
     rows = read_csv(stem + "-users.csv")
     assert list(rows[0]) == ["user_id", "model", "seed", "metric", "value"]
-    assert len(rows) == 4 * 300 * 2  # runs x users x significance metrics (ndcg@10, recall@10)
+    # runs x (every test user x ndcg@10, recall@10 + the candidate protocol's users x its two hit metrics)
+    assert len(rows) == 4 * (300 * 2 + 50 * 2)
     sasrec_2021 = {row["user_id"]: float(row["value"]) for row in rows
                    if row["model"] == "SASRec" and row["seed"] == "2021" and row["metric"] == "ndcg@10"}
     per_user = results[3]["test_per_user"]
     assert sasrec_2021 == pytest.approx(dict(zip(per_user["user_id"], per_user["ndcg@10"])))
+
+
+def test_every_seed_asks_the_candidate_protocol_of_the_same_users_and_candidates(two_seeds):
+    results, stem = two_seeds
+    users = [list(r["candidate_per_user"]["user_id"]) for r in results]
+    assert len(users[0]) == 50 and all(u == users[0] for u in users)  # candidate_seed's draw, not the run's seed
+    sasrec = next(row for row in read_csv(stem + ".csv") if row["model"] == "SASRec")
+    assert re.fullmatch(INTERVAL, sasrec["Δ hr@1_x_valid_ratio vs Pop"])
 
 
 def test_the_table_shows_mean_and_std_over_seeds_and_the_csv_every_seed(two_seeds):
