@@ -28,6 +28,9 @@ from recbole_llm.quick_start import run_recbole_llm
 DEFAULT = "default"
 FLOOR = "Pop"  # every setting is also compared with popularity, the floor
 METRICS = ("ndcg@10", "recall@10")
+# LLaRA's candidate protocol, where a setting asks for it (candidate_eval: True): HR@1 of the greedy answers, as the
+# quality page and rsllm_picks report it; the users and candidates are candidate_seed's, the same for every run
+CANDIDATE_METRIC = "hr@1_x_valid_ratio"
 BF16_SETTINGS = ("cpu_bf16", "no_grad_bf16")  # on or off, the same fp32 run on a CPU without bf16 matrix units
 
 
@@ -80,16 +83,27 @@ def kept(result, model, label):
         "best_valid_score": result["best_valid_score"], "test_result": dict(result["test_result"]),
         "test_per_user": {"user_id": [str(u) for u in per_user["user_id"]],
                           **{metric: per_user[metric].tolist() for metric in METRICS}},
+        "candidate_per_user": candidate_users(result),
         "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
         "environment": run_environment(), "autocast": result["autocast"],
     }
+
+
+def candidate_users(result):
+    """The candidate protocol's users and their hits, where the run answered candidates; else None."""
+    per_user = result.get("candidate_per_user")
+    if per_user is None:
+        return None
+    return {"user_id": [str(u) for u in per_user["user_id"]], CANDIDATE_METRIC: per_user[CANDIDATE_METRIC].tolist()}
 
 
 def read_runs(runs_dir):
     runs = []
     for path in sorted(runs_dir.glob("*.json")):
         run = json.loads(path.read_text())
-        run["test_per_user"] = {key: np.asarray(values) for key, values in run["test_per_user"].items()}
+        for key in ("test_per_user", "candidate_per_user"):
+            if run.get(key) is not None:
+                run[key] = {name: np.asarray(values) for name, values in run[key].items()}
         runs.append(run)
     return runs
 
@@ -98,7 +112,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
     runs = read_runs(runs_dir)
     if not runs:
         return
-    settings = {**runs[0]["comparison_settings"], "significance_metrics": ["ndcg@10"]}
+    settings = {**runs[0]["comparison_settings"], "significance_metrics": ["ndcg@10", CANDIDATE_METRIC]}
     alpha = settings["significance_level"]
     rows = []
     for model, labels in plan["models"].items():
@@ -112,7 +126,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
         # compared alone, over the seeds it ran, so that it never narrows the others' comparison to its seeds
         complete = [label for label in kept_labels if set(seeds_of[label]) >= set(plan["seeds"])]
         partial = [label for label in kept_labels if label not in complete]
-        to_default, to_floor, paired_over = {}, {}, {}
+        to_default, to_floor, paired_over = {}, {}, {}  # {(metric, row name): PairedDifference}
         for group in ([complete] if complete else []) + [[label] for label in partial]:
             seeds = set.intersection(*(set(seeds_of[label]) for label in group))
             if model != FLOOR:
@@ -121,23 +135,26 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
                           and (run["base"] == FLOOR or run["setting"] in (*group, DEFAULT))]
             names = {run_label(model, label) for label in group}  # the default's own rows come from its group
             if model != FLOOR and seeds:
-                if DEFAULT in seeds_of and seeds_of[DEFAULT]:
-                    differences = reference_differences(group_runs, [model], settings)[("ndcg@10", model)]
-                    to_default.update({name: d for name, d in differences.items() if name in names})
-                differences = reference_differences(group_runs, [FLOOR], settings)[("ndcg@10", FLOOR)]
-                to_floor.update({name: d for name, d in differences.items() if name in names})
+                for reference, found in ((model, to_default), (FLOOR, to_floor)):
+                    if reference == model and not seeds_of.get(DEFAULT):
+                        continue
+                    for (metric, _), differences in reference_differences(group_runs, [reference], settings).items():
+                        found.update({(metric, name): d for name, d in differences.items() if name in names})
             paired_over.update({label: sorted(seeds) for label in group})
         for label in kept_labels:
             label_runs = [run for run in family if run["setting"] == label]
             valid = [run["best_valid_score"] for run in label_runs]
             test = [run["test_result"]["ndcg@10"] for run in label_runs]
+            hits = [run["test_result"][CANDIDATE_METRIC] for run in label_runs if run.get("candidate_per_user")]
             name = run_label(model, label)
             rows.append({
                 "model": model, "setting": label, "seeds": ",".join(map(str, seeds_of[label])),
                 "valid NDCG@10": mean_std(valid), "test NDCG@10": mean_std(test),
-                "Δ test NDCG@10 vs default": to_default[name].text(alpha) if name in to_default else "-",
-                "Δ test NDCG@10 vs Pop": to_floor[name].text(alpha) if name in to_floor else "-",
-                "p vs default (Holm)": to_default[name].p_holm if name in to_default else None,
+                "Δ test NDCG@10 vs default": difference_text(to_default, "ndcg@10", name, alpha),
+                "Δ test NDCG@10 vs Pop": difference_text(to_floor, "ndcg@10", name, alpha),
+                "p vs default (Holm)": getattr(to_default.get(("ndcg@10", name)), "p_holm", None),
+                "HR@1 x VR": mean_std(hits) if hits else "-",
+                "Δ HR@1 x VR vs default": difference_text(to_default, CANDIDATE_METRIC, name, alpha),
                 "valid mean": float(np.mean(valid)), "test mean": float(np.mean(test)),
                 "train (s)": float(np.mean([run["train_time"] for run in label_runs])),
                 "paired over seeds": ",".join(map(str, paired_over[label])),
@@ -145,18 +162,35 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
     out.mkdir(parents=True, exist_ok=True)
     stem = str(out / f"ablations-{profile.name}")
     write_csv(stem, rows)
-    columns = {key: key for key in ("model", "setting", "seeds", "valid NDCG@10", "test NDCG@10",
-                                    "Δ test NDCG@10 vs default", "Δ test NDCG@10 vs Pop", "train (s)")}
+    shown = ["model", "setting", "seeds", "valid NDCG@10", "test NDCG@10", "Δ test NDCG@10 vs default",
+             "Δ test NDCG@10 vs Pop", "train (s)"]
+    if any(row["HR@1 x VR"] != "-" for row in rows):  # a setting answered candidates: their hits beside
+        shown[-1:-1] = ["HR@1 x VR", "Δ HR@1 x VR vs default"]
+    columns = {key: key for key in shown}
     note = (f"valid and test: mean ± std over the seeds. Δ: the setting minus the model's default (or Pop) on the "
             f"same test users, each user's NDCG@10 averaged over the seeds both ran first; the mean and its "
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
             f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
             f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}.")
+    if "HR@1 x VR" in columns:
+        note += (f" HR@1 x VR: LLaRA's candidate protocol (greedy answers; hits over all asked, invalid answers "
+                 f"miss) on the same {candidate_count(runs)} test users and candidates in every run (candidate_seed), "
+                 f"its Δ as NDCG@10's.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)
     print(f"written: {stem}.md, .csv ({len(runs)} runs)")
+
+
+def candidate_count(runs):
+    return "/".join(sorted({str(len(run["candidate_per_user"]["user_id"])) for run in runs
+                            if run.get("candidate_per_user")}))
+
+
+def difference_text(differences, metric, name, alpha):
+    difference = differences.get((metric, name))
+    return difference.text(alpha) if difference else "-"
 
 
 def machines(runs):

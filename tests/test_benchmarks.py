@@ -238,7 +238,11 @@ def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(
     assert re.fullmatch(interval, rows[1]["Δ test NDCG@10 vs default"])
     assert re.fullmatch(interval, rows[0]["Δ test NDCG@10 vs Pop"]) and rows[2]["Δ test NDCG@10 vs Pop"] == "-"
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["valid NDCG@10"])
+    # the Laser rows answered 16 users' candidates, the same users in every run: their hits compared as NDCG@10's
+    assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["HR@1 x VR"]) and rows[2]["HR@1 x VR"] == "-"
+    assert re.fullmatch(interval, rows[1]["Δ HR@1 x VR vs default"]) and rows[0]["Δ HR@1 x VR vs default"] == "-"
     page = out.joinpath("ablations-smoke.md").read_text()
+    assert "on the same 16 test users and candidates in every run" in page
     assert "| Laser | deep_prefix: False | 2020,2021 |" in page and "Holm" in page and "**Machine**" in page
     assert "- **Seeds** 2020, 2021, dataset ml-100k-tiny" in page  # the stamp names every seed the runs used
 

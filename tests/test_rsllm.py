@@ -205,19 +205,21 @@ def test_only_lora_projector_and_heads_train_and_the_shared_llm_gets_no_adapter(
 # ---- The unified prompt and the LM labels ----------------------------------------------------------------------
 
 
-def test_id_slots_hold_the_projected_embeddings_and_text_only_prompts_have_none(rsllm, batch):
+def test_id_slots_hold_the_projected_embeddings_and_text_only_prompts_have_none(tiny, rsllm, batch):
     item_seq, item_len = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN]
     with torch.no_grad():
         rsllm.set_stage(UNIFIED)
-        assert rsllm.slot_gate == 0  # closed at the start: stage 2's prompts begin with empty slots
-        assert (rsllm.user_prompt(item_seq, item_len).inputs_embeds == 0).all(-1).sum() >= item_len.clamp(max=3).sum()
+        assert rsllm.slot_gate == 1  # open at the start, as the paper's prompts: the slots enter whole
+        closed = tiny.build(slot_gate_init=0)
+        closed.set_stage(UNIFIED)  # slot_gate_init 0: stage 2's prompts begin with empty slots
+        assert (closed.user_prompt(item_seq, item_len).inputs_embeds == 0).all(-1).sum() >= item_len.clamp(max=3).sum()
         rsllm.slot_gate.fill_(0.5)
         unified = rsllm.user_prompt(item_seq, item_len)
         projected = 0.5 * rsllm.projector(rsllm.cf_encoder.item_embeddings[item_seq])  # [B, L, d_llm]
         assert projected.abs().sum() > 0
         rsllm.set_stage(TEXT_ONLY)
         text_only = rsllm.user_prompt(item_seq, item_len)
-        rsllm.slot_gate.zero_()
+        rsllm.slot_gate.fill_(1)
 
     has_slot = unified.slot_positions >= 0  # [B, L]
     assert torch.equal(has_slot.sum(1), item_len.clamp(max=3))  # one slot per written item
@@ -297,6 +299,7 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"candidate_template": "Pick one:"}, "must contain {candidates}"),
         ({"candidate_train_share": 1.5}, "candidate_train_share"),
         ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
+        ({"slot_gate_init": "open"}, "slot_gate_init is 'open'"),
         ({"center_states": "yes"}, "center_states"),
         ({"item_tower": "fixed"}, "item_tower"),
         ({"lora_target_modules": ["no_such_module"]}, "lora_target_modules"),
@@ -396,7 +399,7 @@ def test_the_slot_gate_learns_at_its_own_rate_in_stage_2_only(tiny, batch):
     model.train()
     sum(model.calculate_loss(batch)).backward()
     optimizer.step()  # Adam's first step moves each weight by its learning rate
-    assert abs(model.slot_gate.item()) == pytest.approx(0.05, rel=1e-3)
+    assert abs(model.slot_gate.item() - 1) == pytest.approx(0.05, rel=1e-3)  # from its start, open
     assert model.config["learning_rate"] < 0.01  # the other weights move by the run's rate
 
 

@@ -69,10 +69,10 @@ class RSLLM(LLMSequentialRecommender):
         self.fit_prompts_to_context(config, backbone)
 
         # 1. Projector: the frozen CF encoder's item embeddings -> the LLM's input space. The ID slots enter the
-        # prompts through a gate that starts closed: stage 2 starts from stage 1's function (but for the attention the
-        # empty slots draw), while L_id_text trains the projector from its first step.
+        # prompts through a learned gate: open (1, the paper's prompts) or closed (0: stage 2 starts from stage 1's
+        # function, but for the attention the empty slots draw); L_id_text trains the projector from its first step.
         self.projector = Projector(self.cf_encoder.hidden_size, backbone.hidden_size)
-        self.slot_gate = nn.Parameter(torch.zeros(()))
+        self.slot_gate = nn.Parameter(torch.tensor(float(config["slot_gate_init"])))
 
         # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
@@ -100,6 +100,8 @@ class RSLLM(LLMSequentialRecommender):
         require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
         require(config, "slot_gate_lr", is_number(config["slot_gate_lr"]) and config["slot_gate_lr"] > 0,
                 "it must be a positive learning rate")
+        require(config, "slot_gate_init", is_number(config["slot_gate_init"]),
+                "it must be a number: 1 lets the ID slots in whole from stage 2's start, 0 keeps them out")
         require(config, "item_tower", config["item_tower"] in ("trained", "frozen"), "use trained (the paper) or frozen")
         require(config, "center_states", isinstance(config["center_states"], bool), "it must be True or False")
         require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
