@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_seed
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
@@ -59,6 +59,7 @@ from recbole_llm.model.abstract_recommender import LLMSequentialRecommender
 from recbole_llm.model.sequential_recommender.laser import Laser
 from recbole_llm.model.sequential_recommender.rsllm import RSLLM
 from recbole_llm.quick_start import build_model
+from recbole_llm.run_log import init_run_logger
 from recbole_llm.utils import get_trainer
 
 LLM_RANGE = "frozen LLM"  # the profiler range around each forward of the LLM's modules
@@ -249,7 +250,7 @@ def measure(label, model_name, dataset, config_dict, steps, workdir, threads):
     # an epoch is never finished: training stops after the measured steps
     config = Config(model=model_name, dataset=dataset, config_dict={**config_dict, "train_batches_per_epoch": None})
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     train_data, valid_data, _ = data_preparation(config, create_dataset(config))
     model = build_model(config, train_data._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 from recbole.data import create_dataset
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_seed
 
 from benchmarks.cost import checkpoint_megabytes, in_fresh_process
 from benchmarks.report import run_script, saved_figure, write_page
@@ -36,6 +36,7 @@ from recbole_llm.cold_items import data_preparation
 from recbole_llm.comparison import markdown_table, write_csv
 from recbole_llm.config import Config
 from recbole_llm.quick_start import build_model
+from recbole_llm.run_log import init_run_logger
 from recbole_llm.utils import get_trainer
 
 MODELS = ("Laser", "RSLLM")
@@ -72,7 +73,7 @@ def measure(model_name, dataset, config_dict, workdir):
     os.chdir(workdir)
     config = Config(model=model_name, dataset=dataset, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     train_data, valid_data, _ = data_preparation(config, create_dataset(config))
     model = build_model(config, train_data._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

@@ -14,7 +14,7 @@ from time import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from recbole.data import create_dataset
-from recbole.utils import get_local_time, init_logger, init_seed, set_color
+from recbole.utils import get_local_time, init_seed, set_color
 
 from recbole_llm.candidate_evaluation import sequential_test_data
 from recbole_llm.cf_training import caching_cf_models, cf_training_configs, trained_checkpoint
@@ -28,6 +28,7 @@ from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
 from recbole_llm.memory import fix_mmap_threshold
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, count_parameters
 from recbole_llm.resume import read_resume_checkpoint, resume_file
+from recbole_llm.run_log import init_run_logger
 from recbole_llm.trainer import load_model_state
 from recbole_llm.utils import get_model, get_trainer
 
@@ -64,7 +65,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     require(config, "candidate_seed", config["candidate_seed"] is None or is_int(config["candidate_seed"]),
             "use an integer: it draws the candidate protocol's users and candidates")
     if writes_files(config):  # the other processes of a multi-process run only report errors, on stderr
-        init_logger(config)
+        init_run_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(set_color("environment", "blue") + f": {run_environment()} (its sums decide the last digits)")
@@ -292,7 +293,7 @@ def load_data_and_model(model_file, trust_checkpoint=False):
     config = single_process(checkpoint["config"])
     config["trust_checkpoint"] = trust_checkpoint  # the caller's consent, not the file's, covers its cf_checkpoint
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = build_model(config, train_data._dataset)

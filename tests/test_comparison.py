@@ -2,6 +2,7 @@
 hand, Holm's correction, seeds (each a trained model of its own, the CF model included) and the table they make."""
 
 import csv
+import logging
 import os
 import re
 import sys
@@ -247,3 +248,15 @@ def test_the_candidate_protocol_is_compared_per_user_too(workdir):
     assert "the candidate protocol's: 50" in open(stem + ".md").read()
     metrics = {row["metric"] for row in read_csv(stem + "-users.csv")}
     assert metrics == {"ndcg@10", "recall@10", "hr@1_x_valid_ratio", "hr@1_ranked"}
+
+
+def test_each_model_of_a_comparison_logs_into_its_own_file(tmp_path, monkeypatch):
+    """RecBole's init_logger adds no handler to a root logger that has one: every model logged into the first's file."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh process, without pytest's capture
+    run_recbole_llms(["Pop", "SASRec"], TINY_DATASET, config_dict=tiny_config(tmp_path, state="INFO"))
+    logs = {model: (tmp_path / "log" / model).glob("*.log") for model in ("Pop", "SASRec")}
+    logs = {model: [path.read_text() for path in paths] for model, paths in logs.items()}
+    assert [len(texts) for texts in logs.values()] == [1, 1]
+    pop_log, sasrec_log = logs["Pop"][0], logs["SASRec"][0]
+    assert "INFO  SASRec(" in sasrec_log and "epoch 0 training" in sasrec_log and "Pop(" not in sasrec_log
+    assert "INFO  Pop(" in pop_log and "SASRec(" not in pop_log and pop_log.count("epoch 0 training") == 1
