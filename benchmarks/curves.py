@@ -76,6 +76,7 @@ def main(argv=None):
             config_dict = {**profile.run_config(settings), "seed": seed}
             callback = None
             if issubclass(get_model(model), LLMSequentialRecommender):
+                config_dict["validate_every_stage"] = True  # a point after every epoch, each stage's too
                 callback = curves[(model, seed)] = Curve(model, samples_per_epoch(model, profile.dataset, config_dict),
                                                          seed)
             results.append(run_recbole_llm(model, profile.dataset, config_dict=config_dict, callback_fn=callback))

@@ -354,8 +354,19 @@ class LLMTrainer(Trainer):
             if resuming:  # after the stage's setup, which the checkpoint's state then overwrites
                 self._restore_training_state(resume)
                 self._pending_random_state = resume["random_state"]
-            super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            validated = valid_data if self._validates(stage, last=index == len(stages) - 1) else None
+            super().fit(train_data, validated, verbose, saved, show_progress, callback_fn)
         return self.best_valid_score, self.best_valid_result
+
+    def _validates(self, stage, last):
+        """Whether the stage is validated. A stage of one epoch that another follows keeps that epoch whatever it
+        scores, so its validation (a full pass over the validation users) decides nothing; validate_every_stage
+        runs it anyway, e.g. for a learning curve."""
+        if last or stage.epochs > 1 or self.config["validate_every_stage"]:
+            return True
+        self.logger.info(f"stage '{stage.name}' is not validated: its one epoch is kept (validate_every_stage=True "
+                         f"validates it)")
+        return False
 
     def resume_checkpoint(self, resume_file):
         """Remembers where to go on: fit skips the stages before the checkpoint's and restores it in its stage."""

@@ -217,6 +217,8 @@ def test_a_bad_setting_fails_before_the_cf_model_trains(cli, tmp_path, model):
         ("Laser", {"prompt_item_marker": " >> item"}, "prompt_item_marker is ' >> item': it must hold {index} once"),
         ("Laser", {"item_text_template": "a movie"}, "item_text_template 'a movie' has no placeholder"),
         ("RSLLM", {"detect_anomaly": "yes"}, "detect_anomaly is 'yes': it must be True or False"),
+        ("Laser", {"validate_every_stage": "no"}, "validate_every_stage is 'no': it must be True or False"),
+        ("RSLLM", {"length_groups": 0}, "length_groups is 0: it must be a positive integer"),
     ],
 )
 def test_prompt_templates_missing_their_placeholder(cli, model, setting, fragment):

@@ -334,6 +334,32 @@ def test_each_loss_term_is_finite_and_decreases_on_one_batch(tiny, batch):
     assert len(model.calculate_loss(batch)) == 2  # stage 1: L_lm and L_user_item
 
 
+@pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])
+def test_length_groups_give_the_losses_and_gradients_of_one_padded_pass_on_fewer_tokens(tiny, batch, stage):
+    outcomes = {}
+    for groups in (1, 3):
+        model = tiny.build(length_groups=groups)
+        model.begin_stage(stage)
+        model.eval()  # no LoRA dropout: the two runs compute the same function
+        columns = []
+        decoder = model.llm.get_base_model().get_decoder()
+        hook = decoder.register_forward_pre_hook(lambda module, args, kwargs: columns.append(
+            kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        torch.manual_seed(0)  # the same candidate lists
+        losses = model.calculate_loss(batch)
+        hook.remove()
+        sum(losses).backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        outcomes[groups] = torch.stack(losses).detach(), gradients, sum(columns), len(columns)
+    (one_losses, one_grads, one_tokens, one_calls), (losses, grads, tokens, calls) = outcomes[1], outcomes[3]
+    assert calls == one_calls + 2  # the prompts in three passes (the item tower's pass, where there is one, alike)
+    assert tokens < one_tokens  # each group padded to its own longest prompt and answer only
+    torch.testing.assert_close(losses, one_losses, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == one_grads.keys() and any("lora_B" in name for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], one_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_gradient_checkpointing_stays_on_while_training(tiny, batch):
     model = tiny.build(gradient_checkpointing=True)
     layers = [m for m in model.llm.modules() if isinstance(m, GradientCheckpointingLayer)]

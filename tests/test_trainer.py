@@ -79,7 +79,7 @@ def toy(tmp_path):
 
 
 def test_stages_run_in_order_and_only_trainable_weights_move(toy):
-    config, model, trainer, (train_data, valid_data, _) = toy()
+    config, model, trainer, (train_data, valid_data, _) = toy(validate_every_stage=True)
     backbone_before = model.backbone.weight.detach().clone()
     trainer.fit(train_data, valid_data)
     assert model.stages_begun == ["users", "items"] and model.epochs_begun == 3
@@ -104,7 +104,8 @@ def test_checkpoint_holds_only_trainable_weights_and_reloads_identically(toy, tm
 
 
 def test_the_test_reads_the_last_stages_best_even_below_an_earlier_stage(toy, monkeypatch):
-    config, model, trainer, (train_data, valid_data, test_data) = toy(stage2_epochs=3, stopping_step=1)
+    config, model, trainer, (train_data, valid_data, test_data) = toy(stage2_epochs=3, stopping_step=1,
+                                                                      validate_every_stage=True)
     scores = iter([0.5, 0.1, 0.2, 0.15])  # stage 1: 0.5; stage 2: 0.1, 0.2 (its best), 0.15
     monkeypatch.setattr(trainer, "_valid_epoch", lambda *args, **kwargs: (score := next(scores), {"ndcg@10": score}))
     best_score, best_result = trainer.fit(train_data, valid_data)
@@ -114,6 +115,20 @@ def test_the_test_reads_the_last_stages_best_even_below_an_earlier_stage(toy, mo
     assert (best_score, best_result) == (0.2, {"ndcg@10": 0.2})  # stage 2's own best, not stage 1's 0.5
     trainer.evaluate(test_data, load_best_model=True)
     assert model.stage == "items"
+
+
+def test_a_one_epoch_stage_before_another_is_not_validated_and_keeps_the_same_weights(toy):
+    validated = {}
+    for every_stage in (True, False):
+        config, model, trainer, (train_data, valid_data, test_data) = toy(validate_every_stage=every_stage)
+        validations = []
+        trainer._valid_epoch = lambda data, show_progress=False, inner=trainer._valid_epoch: (
+            validations.append(model.stage) or inner(data, show_progress))
+        trainer.fit(train_data, valid_data)
+        validated[every_stage] = validations, trainer.evaluate(test_data, load_best_model=True)
+    assert validated[True][0] == ["users", "items", "items"]
+    assert validated[False][0] == ["items", "items"]  # stage 1's one epoch is kept whatever it scores
+    assert validated[False][1] == validated[True][1]  # stage 2 started from the same weights, and tests the same
 
 
 def test_misfit_checkpoint_is_refused_in_one_line(toy):

@@ -352,16 +352,18 @@ class TrainingBudget:
 def budgeted_run(model_name, dataset_name, config_dict, seconds):
     """run_recbole_llm's straight line, with the fit under a TrainingBudget; its result dict, with the curve."""
     from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_logger, init_seed
+    from recbole.utils import init_seed
 
     from recbole_llm.config import Config
     from recbole_llm.model.abstract_recommender import count_parameters
     from recbole_llm.quick_start import build_model, evaluate_collaborative_model
+    from recbole_llm.run_log import init_run_logger
     from recbole_llm.utils import get_trainer
 
+    config_dict = {**config_dict, "validate_every_stage": True}  # the curve: a point after every epoch of every stage
     config = Config(model=model_name, dataset=dataset_name, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = build_model(config, train_data._dataset)

@@ -72,6 +72,8 @@ class LLMSequentialRecommender(SequentialRecommender):
         for key in ("stage1_epochs", "stage2_epochs"):
             require(config, key, is_int(config[key]) and config[key] >= 0, "use 0 to skip the stage, or more")
         require(config, "detect_anomaly", isinstance(config["detect_anomaly"], bool), "it must be True or False")
+        require(config, "validate_every_stage", isinstance(config["validate_every_stage"], bool),
+                "it must be True or False")
         checkpointing = config["gradient_checkpointing"]
         require(config, "gradient_checkpointing",
                 isinstance(checkpointing, bool) or is_int(checkpointing) and checkpointing >= 0,

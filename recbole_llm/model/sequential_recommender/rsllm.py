@@ -45,6 +45,7 @@ class RSLLM(LLMSequentialRecommender):
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
+        self.length_groups = config["length_groups"]
         self.item_tower_frozen = config["item_tower"] == "frozen"
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
@@ -109,6 +110,8 @@ class RSLLM(LLMSequentialRecommender):
         users = config["n_candidate_users"]
         require(config, "n_candidate_users", users is None or is_int(users) and users > 0,
                 "it must be a positive integer, or None for every test user")
+        require(config, "length_groups", is_int(config["length_groups"]) and config["length_groups"] > 0,
+                "it must be a positive integer: 1 runs each training batch as one padded pass")
         share = config["candidate_train_share"]
         require(config, "candidate_train_share", is_number(share) and 0 <= share <= 1, "it must be a share in [0, 1]")
         template_parts(config, "prompt_template", "history")
@@ -216,12 +219,8 @@ class RSLLM(LLMSequentialRecommender):
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         next_items = interaction[self.POS_ITEM_ID]  # [B]
         prompt, user_positions = self.training_prompt(item_seq, item_len, next_items)
-        inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
-        hidden = self.last_hidden_states(inputs_embeds, attention_mask, position_ids)  # [B, T + answer, d_llm]
-        lm_loss = self.language_modeling_loss(hidden, labels)
-
-        # the causal LLM's state where the user prompt ends ignores the candidates and the answer that follow it
-        user_states = self.state_head(hidden[torch.arange(len(hidden), device=hidden.device), user_positions])
+        lm_loss, user_prompt_states = self.answered(prompt, next_items, user_positions)
+        user_states = self.state_head(user_prompt_states)
         # the keys are the batch's next items: never a cold item (its training rows are gone), and the candidate lists
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
         # (abstract_recommender: without_cold_items)
@@ -282,11 +281,30 @@ class RSLLM(LLMSequentialRecommender):
         answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [N, A] title, end, padding
         return answer_ids, torch.arange(answer_length, device=items.device) <= title_lengths
 
-    def language_modeling_loss(self, hidden, labels):
-        """Causal LM loss of the labelled tokens; the LM head runs only at the positions that predict them."""
+    def answered(self, prompt, next_items, user_positions):
+        """The LLM on each training prompt followed by its answer: L_lm, the mean over the batch's answer tokens, and
+        the state where each user prompt ends [B, d_llm] (the causal LLM's state there ignores the candidates and the
+        answer that follow it). The rows run in length_groups groups of similar length, each cut to its own longest
+        row: one padded batch is 16% padding at the CPU defaults, four groups 4.5%."""
+        inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
+        n_labels = (labels[:, 1:] != IGNORED).sum()
+        lm_loss_sum, states, order = 0.0, [], attention_mask.sum(1).argsort()
+        for rows in order.chunk(self.length_groups):
+            columns = attention_mask[rows].any(0).nonzero()  # left padding and answer padding are cut
+            start, end = int(columns[0]), int(columns[-1]) + 1
+            hidden = self.last_hidden_states(  # [rows, end - start, d_llm]
+                inputs_embeds[rows, start:end], attention_mask[rows, start:end], position_ids[rows, start:end]
+            )
+            lm_loss_sum = lm_loss_sum + self.answer_tokens_loss(hidden, labels[rows, start:end])
+            states.append(hidden[torch.arange(len(rows), device=hidden.device), user_positions[rows] - start])
+        return lm_loss_sum / n_labels, torch.cat(states)[order.argsort()]
+
+    def answer_tokens_loss(self, hidden, labels):
+        """The causal LM loss of the labelled tokens, summed over them; the LM head runs only at the positions that
+        predict them."""
         predicts_label = labels[:, 1:] != IGNORED  # [B, T - 1]: position t predicts token t + 1
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicts_label])  # [n_answer_tokens, vocab]
-        return F.cross_entropy(logits.float().to(labels.device), labels[:, 1:][predicts_label])
+        return F.cross_entropy(logits.float().to(labels.device), labels[:, 1:][predicts_label], reduction="sum")
 
     # ---- 5. Two stages: text-only prompts, then unified prompts --------------------------------------------------
 
