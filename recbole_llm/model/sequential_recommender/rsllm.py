@@ -46,8 +46,7 @@ class RSLLM(LLMSequentialRecommender):
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
         self.length_groups = config["length_groups"]
-        self.item_tower_frozen = config["item_tower"] in ("frozen", "frozen_states")  # the item matrix is held
-        self.head_over_held_states = config["item_tower"] == "frozen_states"  # it holds LLM states, before the head
+        self.item_tower_frozen = config["item_tower"] == "frozen"
         self.cf_encoder = CollaborativeEncoder(config, dataset)  # first: a misfit checkpoint fails before the LLM loads
 
         # 3. The LLM, tuned with LoRA; its base weights stay frozen.
@@ -77,11 +76,7 @@ class RSLLM(LLMSequentialRecommender):
         self.slot_gate = nn.Parameter(torch.tensor(float(config["slot_gate_init"])))
 
         # 4. Heads: LLM states -> the user/item space of L_user_item, and a title's state -> the projected-ID space.
-        # Over held item states the state head starts as the identity (Laser's embedding_head): the LLM's geometry.
         self.state_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
-        if self.head_over_held_states:
-            nn.init.eye_(self.state_head.weight)
-            nn.init.zeros_(self.state_head.bias)
         self.title_head = nn.Linear(backbone.hidden_size, backbone.hidden_size)
 
         # 6a. The item matrix of full ranking: the item tower of every item, once per evaluation.
@@ -108,8 +103,7 @@ class RSLLM(LLMSequentialRecommender):
                 "it must be a positive learning rate")
         require(config, "slot_gate_init", is_number(config["slot_gate_init"]),
                 "it must be a number: 1 lets the ID slots in whole from stage 2's start, 0 keeps them out")
-        require(config, "item_tower", config["item_tower"] in ("trained", "frozen", "frozen_states"),
-                "use trained (the paper), frozen or frozen_states")
+        require(config, "item_tower", config["item_tower"] in ("trained", "frozen"), "use trained (the paper) or frozen")
         require(config, "center_states", isinstance(config["center_states"], bool), "it must be True or False")
         require(config, "n_candidates", is_int(config["n_candidates"]) and config["n_candidates"] >= 2,
                 "it must be an integer >= 2")
@@ -214,11 +208,8 @@ class RSLLM(LLMSequentialRecommender):
         return self.prompt_state(prompt)
 
     def item_embedding(self, items):
-        """The item tower [N, d_llm], which user states are scored against: the stage's item prompt -> state head
-        (item_tower frozen_states: the state head is applied when items are compared, so the held matrix holds the
-        LLM's states)."""
-        states = self.item_states(items, self.stage)
-        return states if self.head_over_held_states else self.state_head(states)
+        """The item tower [N, d_llm], which user states are scored against: the stage's item prompt -> state head."""
+        return self.state_head(self.item_states(items, self.stage))
 
     # ---- 4. Losses: L = L_lm + alpha * L_user_item + beta * L_id_text ------------------------------------------
 
@@ -229,17 +220,17 @@ class RSLLM(LLMSequentialRecommender):
         next_items = interaction[self.POS_ITEM_ID]  # [B]
         prompt, user_positions = self.training_prompt(item_seq, item_len, next_items)
         lm_loss, user_prompt_states = self.answered(prompt, next_items, user_positions)
-        user_states = self.compared_users(user_prompt_states)
+        user_states = self.state_head(user_prompt_states)
         # the keys are the batch's next items: never a cold item (its training rows are gone), and the candidate lists
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
         # (abstract_recommender: without_cold_items)
         items, next_index = torch.unique(next_items, return_inverse=True)  # a repeated target is one key, no negative
         if self.item_tower_frozen:  # every item, as the held item matrix writes it
-            scores = self.without_cold_items(self.scores(user_states))
+            scores = self.without_cold_items(self.scores(self.compared(user_states)))
             user_item_loss = F.cross_entropy(scores, next_items)
         else:  # the batch's next items, written by the item tower now
-            keys = self.compared_items(self.item_embedding(items))
-            user_item_loss = info_nce(user_states, keys, next_index, self.tau)
+            keys = self.compared(self.item_embedding(items))
+            user_item_loss = info_nce(self.compared(user_states), keys, next_index, self.tau)
         if self.stage == TEXT_ONLY:
             return lm_loss, self.alpha * user_item_loss
 
@@ -353,38 +344,25 @@ class RSLLM(LLMSequentialRecommender):
 
     # ---- 6a. Full ranking: user state . item tower of all items --------------------------------------------------
 
-    def compared(self, states, head=False):
+    def compared(self, states):
         """User or item-tower states [N, d] as scores compare them: unit norm, in fp32; with center_states, the mean
-        item row subtracted (the LLM's states share one direction: items' mean pairwise cosine 0.89); with head, then
-        mapped by the state head; renormalised."""
+        item row subtracted (the LLM's states share one direction: items' mean pairwise cosine 0.89) and
+        renormalised."""
         with torch.autocast(states.device.type, enabled=False):
-            rows = F.normalize(states.float(), dim=-1)
-            if self.center_states:
-                rows = rows - self.item_matrix[1:].mean(0)
-            if head:
-                rows = self.state_head(rows)
-            return F.normalize(rows, dim=-1) if self.center_states or head else rows
-
-    def compared_users(self, prompt_states):
-        """The LLM's states where user prompts end [B, d_llm] as scores compare them: the state head, then `compared`;
-        item_tower frozen_states: `compared` with the head after the centring, as the held item states get it."""
-        if self.head_over_held_states:
-            return self.compared(prompt_states, head=True)
-        return self.compared(self.state_head(prompt_states))
-
-    def compared_items(self, rows):
-        """Item-tower rows [N, d_llm] as scores compare them (item_tower frozen_states: through the state head)."""
-        return self.compared(rows, head=self.head_over_held_states)
+            unit_rows = F.normalize(states.float(), dim=-1)
+            if not self.center_states:
+                return unit_rows
+            return F.normalize(unit_rows - self.item_matrix[1:].mean(0), dim=-1)
 
     def user_states(self, interaction):
-        """User states [B, d_llm] of the histories of a batch as scores compare them (`compared_users`)."""
+        """User states [B, d_llm] of the histories of a batch as scores compare them (`compared`)."""
         prompt = self.user_prompt(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return self.compared_users(self.prompt_state(prompt))
+        return self.compared(self.state_head(self.prompt_state(prompt)))
 
     def predict(self, interaction):
         user_states = self.user_states(interaction)
         with torch.autocast(user_states.device.type, enabled=False):  # fp32 scores, as info_nce
-            return (user_states * self.compared_items(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau
+            return (user_states * self.compared(self.item_matrix[interaction[self.ITEM_ID]])).sum(-1) / self.tau
 
     def full_sort_predict(self, interaction):
         return self.scores(self.user_states(interaction))
@@ -393,7 +371,7 @@ class RSLLM(LLMSequentialRecommender):
         """Compared user states [B, d] . every compared item row / tau [B, n_items], in fp32 also under autocast;
         the padding item is never a candidate."""
         with torch.autocast(user_states.device.type, enabled=False):
-            scores = user_states @ self.compared_items(self.item_matrix).T / self.tau
+            scores = user_states @ self.compared(self.item_matrix).T / self.tau
         scores[:, 0] = float("-inf")
         return scores
 
