@@ -288,6 +288,27 @@ def test_scores_are_cosines_of_centred_embeddings_and_the_paper_s_without_the_sw
     assert laser.item_matrix.norm(dim=1)[1:].allclose(torch.ones(laser.n_items - 1))  # stored unit rows, either way
 
 
+def test_separate_heads_start_as_the_shared_one_and_then_map_users_and_items_each_their_own_way(tiny, laser, batch):
+    separate = tiny.build(embedding_head="separate")
+    separate.load_state_dict(laser.state_dict(), strict=False)  # the same prefix, suffix and (identity) item head
+    for model in (laser, separate):
+        model.eval()
+        model.begin_evaluation()
+    with torch.no_grad():
+        assert torch.allclose(separate.full_sort_predict(batch)[:, 1:], laser.full_sort_predict(batch)[:, 1:], atol=1e-4)
+    separate.train()
+    separate.begin_stage(FROZEN_ITEMS)
+    sum(separate.calculate_loss(batch)).backward()
+    for head in (separate.user_head, separate.embedding_head):  # each side's map learns from the same loss
+        assert head.weight.grad.abs().sum() > 0
+    assert not torch.equal(separate.user_head.weight.grad, separate.embedding_head.weight.grad)
+    with torch.no_grad():
+        separate.user_head.weight.add_(0.1 * torch.randn_like(separate.user_head.weight))
+        rows = separate.item_matrix[1:4]
+        assert torch.equal(separate.compared(rows), laser.compared(rows))  # items keep theirs
+        assert not torch.allclose(separate.compared_users(rows), laser.compared_users(rows))
+
+
 def test_training_changes_only_the_trainable_weights_and_the_prefix_learns_through_the_frozen_llm(tiny):
     model = tiny.build()
     llm_before = {k: v.clone() for k, v in model.llm.model.state_dict().items()}

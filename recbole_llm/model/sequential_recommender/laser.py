@@ -34,7 +34,7 @@ from recbole_llm.model.layers import MFormer
 
 PREFIX_MODES = ("mformer", "free", "none")
 ITEM_PREFIXES = ("mformer", "none", "warm_items")
-EMBEDDING_HEADS = ("none", "linear")
+EMBEDDING_HEADS = ("none", "linear", "separate")
 ITEM_GRAD_SCORES = ("sampled", "matrix")
 REFRESHED_ITEMS, FROZEN_ITEMS = "refreshed_items", "frozen_items"
 
@@ -101,11 +101,10 @@ class Laser(LLMSequentialRecommender):
         # 4. The suffix: learned tokens after the prompt; the LLM's output at the last one is the embedding.
         self.suffix_tokens = nn.Parameter(torch.randn(self.n_suffix, llm_size) * token_scale)  # [n_suffix, d_llm]
 
-        # 5. Beyond the paper: one linear map over user and item embeddings (identity at the start), or none.
-        self.embedding_head = nn.Linear(llm_size, llm_size) if config["embedding_head"] == "linear" else None
-        if self.embedding_head is not None:
-            nn.init.eye_(self.embedding_head.weight)
-            nn.init.zeros_(self.embedding_head.bias)
+        # 5. Beyond the paper: one linear map over user and item embeddings (identity at the start), one map for
+        # each side (separate: any bilinear score between the two kinds of prompt), or none.
+        self.embedding_head = identity_map(llm_size) if config["embedding_head"] in ("linear", "separate") else None
+        self.user_head = identity_map(llm_size) if config["embedding_head"] == "separate" else None
 
         # 6. The item matrix: refreshed in stage 1, frozen in stage 2.
         self.register_item_matrix(llm_size, item_text.lengths)
@@ -238,20 +237,22 @@ class Laser(LLMSequentialRecommender):
 
     # ---- Scores: cosine / tau, in the space the switches beyond the paper make ---------------------------------
 
-    def compared(self, unit_rows):
-        """Unit-norm embeddings [N, d] as they are compared: centred on the mean item row and mapped by the
-        embedding head when those switches are on, renormalised. The paper's Laser: unchanged."""
-        if not self.center_embeddings and self.embedding_head is None:
+    def compared(self, unit_rows, head=None):
+        """Unit-norm item embeddings [N, d] as they are compared: centred on the mean item row and mapped by the
+        embedding head (or `head`) when those switches are on, renormalised. The paper's Laser: unchanged."""
+        head = self.embedding_head if head is None else head
+        if not self.center_embeddings and head is None:
             return unit_rows
         if self.center_embeddings:
             unit_rows = unit_rows - self.item_matrix[1:].mean(0)
-        if self.embedding_head is not None:
-            unit_rows = self.embedding_head(unit_rows)
+        if head is not None:
+            unit_rows = head(unit_rows)
         return F.normalize(unit_rows, dim=-1)
 
     def compared_users(self, user_embedding):
-        """User embeddings [B, d_llm] as they are compared with the item rows: unit norm, fp32, then `compared`."""
-        return self.compared(F.normalize(user_embedding.float(), dim=-1))
+        """User embeddings [B, d_llm] as they are compared with the item rows: unit norm, fp32, then `compared`
+        through the users' own head where embedding_head is separate."""
+        return self.compared(F.normalize(user_embedding.float(), dim=-1), head=self.user_head)
 
     def scores(self, user_embedding, item_rows=None):
         """cos(h_u, h_i) / tau [B, n_items] over all items of the held item matrix, whose padding row is never a
@@ -348,3 +349,11 @@ class Laser(LLMSequentialRecommender):
         if routing is not None:
             self.evaluation_routed_users += routing.chosen.sum(0)
         return self.scores(user_embedding)  # [B, n_items]
+
+
+def identity_map(width):
+    """A trainable linear map [width -> width] that starts as the identity."""
+    linear = nn.Linear(width, width)
+    nn.init.eye_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
