@@ -115,11 +115,13 @@ def test_gradient_reaches_inputs_embeds_through_the_frozen_model(alias, gradient
     hooks = [layer.mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
              for layer, calls in zip(layers, mlp_calls)]
     inputs_embeds = torch.randn(2, 5, 64, requires_grad=True)
+    # a fixed random direction: the plain sum of a final LayerNorm's output (weight 1, GPT-2's) has zero gradient
+    direction = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     grad_of = {}
     for run in ("checkpointed", "reference"):
         inputs_embeds.grad = None
         model = backbone if run == "checkpointed" else load_llm(alias)
-        last_hidden_state(model, inputs_embeds).sum().backward()
+        (last_hidden_state(model, inputs_embeds) * direction).sum().backward()
         grad_of[run] = inputs_embeds.grad
         if run == "checkpointed":
             for hook in hooks:
