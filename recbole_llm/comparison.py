@@ -3,9 +3,9 @@ people, CSV for scripts.
 
 A comparison runs every model once per seed on the same split. Its table has one row per model: each number's mean
 over the seeds (± their standard deviation when there are several), and each row's paired difference to the reference
-models on the same test users (the users' metrics averaged over the seeds first): the 95% interval and a mark where
-the paired test says the difference is significant after Holm's correction over the table's rows
-(recbole_llm.statistics). Beside the table: a CSV of its rows (and of every seed's), and one of every test user's
+models, and an LLM model's to the CF model it reads, on the same test users (the users' metrics averaged over the
+seeds first): the 95% interval and a mark where the paired test says the difference is significant after Holm's
+correction over the table's rows (recbole_llm.statistics). Beside the table: a CSV of its rows (and of every seed's), and one of every test user's
 metrics (user id, model, seed, metric, value).
 """
 
@@ -21,6 +21,7 @@ SPREAD_KEYS = ("test ", "best valid ", "cold ")  # the numbers whose spread over
 CSV_ONLY = (" std", " low", " high", " p", " p (Holm)")  # the details of a row that only its CSV shows
 # the settings (properties/overall.yaml) of the comparison's differences to its reference models
 SIGNIFICANCE_SETTINGS = ("significance_metrics", "significance_test", "significance_level", "bootstrap_resamples")
+CF_MODEL = "its CF model"  # the reference of an LLM model's row in its Δ columns: the CF model it reads
 
 
 def with_companions(results):
@@ -68,7 +69,8 @@ def comparison_table(results, references, settings):
     p-values for the CSV) and every seed's own row."""
     seed_rows = comparison_rows(results)
     rows = over_seeds(seed_rows)
-    for (metric, reference), family in reference_differences(results, references, settings).items():
+    families = {**reference_differences(results, references, settings), **cf_model_differences(results, settings)}
+    for (metric, reference), family in families.items():
         for row in rows:
             difference = family.get(row["model"])
             key = difference_column(metric, reference)
@@ -94,10 +96,12 @@ def shown_rows(rows, seed_rows):
 
 def table_note(results, settings):
     alpha = settings["significance_level"]
-    return (f"Δ: the row minus the reference on the same {users_count(results)} test users (each user's metric "
-            f"averaged over the seeds), the mean and its {1 - alpha:.0%} interval from a paired bootstrap over users "
-            f"({settings['bootstrap_resamples']} resamples); * where the paired {settings['significance_test']} test "
-            f"is significant at {alpha} after Holm's correction over the table's rows.")
+    reads = any(result.get("companions") for result in results)
+    cf_model = f" (vs {CF_MODEL}: the CF model the row's model reads)" if reads else ""
+    return (f"Δ: the row minus the reference{cf_model} on the same {users_count(results)} test users (each user's "
+            f"metric averaged over the seeds), the mean and its {1 - alpha:.0%} interval from a paired bootstrap over "
+            f"users ({settings['bootstrap_resamples']} resamples); * where the paired {settings['significance_test']} "
+            f"test is significant at {alpha} after Holm's correction over the table's rows.")
 
 
 def difference_column(metric, reference):
@@ -180,26 +184,40 @@ def reference_differences(results, references, settings):
     differences = {}
     for metric in settings["significance_metrics"]:
         users = users_over_seeds(results, metric)
-        if not users:
-            continue  # no row has it (a candidate metric without candidate_eval)
         for reference in references:
-            if reference not in users:
-                continue  # e.g. the candidate protocol ran for some models only, not for the reference
-            reference_users, reference_values = users[reference]
-            family = {}
-            for label, (user_ids, values) in users.items():
-                if label == reference:
-                    continue
-                if len(user_ids) != len(reference_users) or np.any(user_ids != reference_users):
-                    raise RecBoleLLMError(f"{label} and {reference} were tested on different users: compare runs on "
-                                          f"one split")
-                family[label] = paired_difference(
-                    values, reference_values, resamples=settings["bootstrap_resamples"],
-                    level=1 - settings["significance_level"], test=settings["significance_test"],
-                )
-            with_holm(list(family.values()))
-            differences[(metric, reference)] = family
+            if reference in users:  # not where the candidate protocol ran for some models only, not the reference
+                pairs = [(label, reference) for label in users if label != reference]
+                differences[(metric, reference)] = paired_family(users, pairs, settings)
     return differences
+
+
+def cf_model_differences(results, settings):
+    """{(metric, CF_MODEL): {row label: PairedDifference}}: each LLM model's row minus the CF model it reads (its
+    companion row) on the same users, Holm-corrected over the table's LLM rows: does it beat what it reads?"""
+    reads = {result["model"]: companion["model"] for result in results for companion in result.get("companions", [])}
+    differences = {}
+    for metric in settings["significance_metrics"]:
+        users = users_over_seeds(results, metric)
+        pairs = [(label, cf_label) for label, cf_label in reads.items() if label in users and cf_label in users]
+        if pairs:
+            differences[(metric, CF_MODEL)] = paired_family(users, pairs, settings)
+    return differences
+
+
+def paired_family(users, pairs, settings):
+    """{label: PairedDifference of label's users against the other's} for (label, other) pairs of users_over_seeds,
+    Holm-corrected together."""
+    family = {}
+    for label, other in pairs:
+        (user_ids, values), (other_ids, other_values) = users[label], users[other]
+        if len(user_ids) != len(other_ids) or np.any(user_ids != other_ids):
+            raise RecBoleLLMError(f"{label} and {other} were tested on different users: compare runs on one split")
+        family[label] = paired_difference(
+            values, other_values, resamples=settings["bootstrap_resamples"],
+            level=1 - settings["significance_level"], test=settings["significance_test"],
+        )
+    with_holm(list(family.values()))
+    return family
 
 
 def users_count(results):

@@ -179,6 +179,16 @@ def test_two_seeds_train_two_models_each_on_a_cf_model_of_its_own(workdir):
     assert [(row["model"], row["seed"]) for row in rows[:2]] == [("Laser", "2020,2021"),
                                                                ("SASRec (CF model of Laser)", "2020,2021")]
     assert float(rows[0]["test ndcg@10"]) == pytest.approx(np.mean([r["test_result"]["ndcg@10"] for r in results]))
+    # Laser against the CF model it reads, each user's NDCG@10 averaged over the seeds first
+    users = {}
+    for result in results + [companion for r in results for companion in r["companions"]]:
+        order = np.argsort(result["test_per_user"]["user_id"])
+        users.setdefault(result["model"], []).append(result["test_per_user"]["ndcg@10"][order])
+    expected = paired_difference(np.mean(users["Laser"], axis=0), np.mean(users["SASRec (CF model of Laser)"], axis=0))
+    assert re.fullmatch(INTERVAL, rows[0]["Δ ndcg@10 vs its CF model"])
+    assert float(rows[0]["Δ ndcg@10 vs its CF model low"]) == pytest.approx(expected.low)
+    assert float(rows[0]["Δ ndcg@10 vs its CF model p"]) == pytest.approx(expected.p_value)
+    assert rows[1]["Δ ndcg@10 vs its CF model"] == ""  # the CF model's own row has no CF model
 
 
 def test_the_cf_models_own_row_caches_its_first_epochs_as_the_cf_model_a_later_row_reads(workdir, monkeypatch):
