@@ -5,8 +5,8 @@ A comparison runs every model once per seed on the same split. Its table has one
 over the seeds (± their standard deviation when there are several), and each row's paired difference to the reference
 models, and an LLM model's to the CF model it reads, on the same test users (the users' metrics averaged over the
 seeds first): the 95% interval and a mark where the paired test says the difference is significant after Holm's
-correction over the table's rows (recbole_llm.statistics). Beside the table: a CSV of its rows (and of every seed's), and one of every test user's
-metrics (user id, model, seed, metric, value).
+correction over the table's rows (recbole_llm.statistics). Beside the table: a CSV of its rows (and of every seed's),
+and one of every test user's metrics (user id, model, seed, metric, value).
 """
 
 import csv

@@ -152,15 +152,21 @@ def test_the_table_shows_mean_and_std_over_seeds_and_the_csv_every_seed(two_seed
 def test_the_difference_columns_are_the_paired_statistics_of_the_users_averaged_over_seeds(two_seeds):
     results, stem = two_seeds
     summary = read_csv(stem + ".csv")[1]  # SASRec
-    users = {}
-    for result in results:
-        order = np.argsort(result["test_per_user"]["user_id"])
-        users.setdefault(result["model"], []).append(result["test_per_user"]["ndcg@10"][order])
-    expected = paired_difference(np.mean(users["SASRec"], axis=0), np.mean(users["Pop"], axis=0))
+    users = ndcg_over_seeds(results)
+    expected = paired_difference(users["SASRec"], users["Pop"])
     assert float(summary["Δ ndcg@10 vs Pop low"]) == pytest.approx(expected.low)
     assert float(summary["Δ ndcg@10 vs Pop high"]) == pytest.approx(expected.high)
     assert float(summary["Δ ndcg@10 vs Pop p"]) == pytest.approx(expected.p_value)
     assert summary["Δ ndcg@10 vs Pop"].startswith(f"{expected.mean:+.4f} [")
+
+
+def ndcg_over_seeds(results):
+    """{model: each test user's NDCG@10 averaged over its seeds, users in id order}, computed here by hand."""
+    users = {}
+    for result in results:
+        order = np.argsort(result["test_per_user"]["user_id"])
+        users.setdefault(result["model"], []).append(result["test_per_user"]["ndcg@10"][order])
+    return {model: np.mean(seeds, axis=0) for model, seeds in users.items()}
 
 
 # ---- seeds of an LLM model: a trained model, and a CF model, per seed ---------------------------------------------
@@ -180,11 +186,8 @@ def test_two_seeds_train_two_models_each_on_a_cf_model_of_its_own(workdir):
                                                                ("SASRec (CF model of Laser)", "2020,2021")]
     assert float(rows[0]["test ndcg@10"]) == pytest.approx(np.mean([r["test_result"]["ndcg@10"] for r in results]))
     # Laser against the CF model it reads, each user's NDCG@10 averaged over the seeds first
-    users = {}
-    for result in results + [companion for r in results for companion in r["companions"]]:
-        order = np.argsort(result["test_per_user"]["user_id"])
-        users.setdefault(result["model"], []).append(result["test_per_user"]["ndcg@10"][order])
-    expected = paired_difference(np.mean(users["Laser"], axis=0), np.mean(users["SASRec (CF model of Laser)"], axis=0))
+    users = ndcg_over_seeds(results + [companion for r in results for companion in r["companions"]])
+    expected = paired_difference(users["Laser"], users["SASRec (CF model of Laser)"])
     assert re.fullmatch(INTERVAL, rows[0]["Δ ndcg@10 vs its CF model"])
     assert float(rows[0]["Δ ndcg@10 vs its CF model low"]) == pytest.approx(expected.low)
     assert float(rows[0]["Δ ndcg@10 vs its CF model p"]) == pytest.approx(expected.p_value)

@@ -11,10 +11,10 @@ training goes on.
 Beyond the paper, for small LLMs whose outputs all point one way (SmolLM2-135M: items' mean pairwise cosine 0.976,
 so cosine / tau cannot tell items apart): ``center_embeddings`` compares users and items after subtracting the mean
 item row, and ``embedding_head: linear`` maps both through one trainable linear layer (identity at the start), the
-one path by which the item side gets gradient (``separate``: one such layer for each side). Input tokens barely steer so small an LLM (moving the prefix by its
-own scale turns the output by a cosine of 0.009), so ``deep_prefix`` gives every layer the prefix as keys and
-values (P-tuning v2), made by that layer's own frozen norm and key/value maps. All three are off in
-properties/laser_paper.yaml.
+one path by which the item side gets gradient (``separate``: one such layer for each side). Input tokens barely
+steer so small an LLM (moving the prefix by its own scale turns the output by a cosine of 0.009), so ``deep_prefix``
+gives every layer the prefix as keys and values (P-tuning v2), made by that layer's own frozen norm and key/value
+maps. All three are off in properties/laser_paper.yaml.
 """
 
 from logging import getLogger
