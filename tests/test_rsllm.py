@@ -1,6 +1,7 @@
 """RSLLM on tiny-llama and the tiny ml-100k copy: the candidate protocol's pure functions on hand-made examples,
 what trains, the unified prompt, the LM labels, the losses, the two stages, the item tower, and end-to-end runs."""
 
+import dataclasses
 import logging
 import math
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm import load_llm
-from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, joined
+from recbole_llm.model.sequential_recommender.rsllm import IGNORED, TEXT_ONLY, UNIFIED, joined, rank_loss
 from recbole_llm.quick_start import run_recbole_llm
 from recbole_llm.trainer import LLMTrainer
 
@@ -110,7 +111,14 @@ def test_ranked_candidates_give_hr1_and_ndcg5_by_hand():
 def answer_log_likelihood(model, item_seq, item_len, candidates, item):
     """The log-likelihood of one item's title and end token after one user's prompt and list, by a full forward."""
     prompt = joined(model.user_prompt(item_seq, item_len), model.candidate_list(candidates))
-    inputs_embeds, attention_mask, position_ids, labels = model.with_answer(prompt, item.reshape(1))
+    return answer_log_likelihood_after(model, prompt, item)
+
+
+@torch.no_grad()
+def answer_log_likelihood_after(model, prompt, item):
+    """The log-likelihood of one item's title and end token after a one-row prompt, and its token count, by a full
+    forward of the prompt and that answer alone."""
+    inputs_embeds, attention_mask, position_ids, labels, _, _ = model.with_answers(prompt, item.reshape(1, 1))
     hidden = model.last_hidden_states(inputs_embeds, attention_mask, position_ids)
     log_probs = model.llm.get_output_embeddings()(hidden[:, :-1]).float().log_softmax(-1)
     answer = labels[:, 1:] != IGNORED
@@ -239,7 +247,7 @@ def test_lm_labels_cover_only_the_next_items_title_and_its_end(rsllm, batch):
     item_seq, item_len, next_items = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN], batch[rsllm.POS_ITEM_ID]
     with torch.no_grad():
         prompt = rsllm.user_prompt(item_seq, item_len)
-        inputs_embeds, attention_mask, position_ids, labels = rsllm.with_answer(prompt, next_items)
+        inputs_embeds, attention_mask, position_ids, labels, _, _ = rsllm.with_answers(prompt, next_items[:, None])
 
     prompt_length = prompt.inputs_embeds.shape[1]
     assert (labels[:, :prompt_length] == IGNORED).all()
@@ -258,7 +266,7 @@ def test_training_prompts_list_candidates_after_the_user_prompt(rsllm, batch, st
     rsllm.set_stage(stage)
     item_seq, item_len, next_items = batch[rsllm.ITEM_SEQ], batch[rsllm.ITEM_SEQ_LEN], batch[rsllm.POS_ITEM_ID]
     with torch.no_grad():
-        prompt, user_positions = rsllm.training_prompt(item_seq, item_len, next_items)  # candidate_train_share 1
+        prompt, user_positions, answers, listed = rsllm.training_prompt(item_seq, item_len, next_items)  # share 1
         user_prompt = rsllm.user_prompt(item_seq, item_len)
         states = rsllm.last_hidden_states(prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids)
         user_states = rsllm.prompt_state(user_prompt)
@@ -279,8 +287,9 @@ def test_training_prompts_list_candidates_after_the_user_prompt(rsllm, batch, st
 def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
     model = tiny.build(candidate_train_share=0.0)
     item_seq, item_len, next_items = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], batch[model.POS_ITEM_ID]
-    prompt, user_positions = model.training_prompt(item_seq, item_len, next_items)
+    prompt, user_positions, answers, listed = model.training_prompt(item_seq, item_len, next_items)
     assert torch.equal(prompt.input_ids, model.user_prompt(item_seq, item_len).input_ids)
+    assert torch.equal(answers, next_items[:, None]) and not listed.any()
     assert (user_positions == prompt.input_ids.shape[1] - 1).all()
 
 
@@ -298,6 +307,10 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"item_prompt_template": "{item} and {item}"}, "item_prompt_template"),
         ({"candidate_template": "Pick one:"}, "must contain {candidates}"),
         ({"candidate_train_share": 1.5}, "candidate_train_share"),
+        ({"rank_candidates": 1}, "rank_candidates is 1: it must be 0 (no L_rank) or an integer in [2, n_candidates"),
+        ({"rank_candidates": 99}, "rank_candidates is 99"),
+        ({"rank_candidates": 3, "candidate_train_share": 0.0}, "set candidate_train_share > 0"),
+        ({"gamma": -1}, "gamma is -1"),
         ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
         ({"slot_gate_init": "open"}, "slot_gate_init is 'open'"),
         ({"center_states": "yes"}, "center_states"),
@@ -332,6 +345,73 @@ def test_each_loss_term_is_finite_and_decreases_on_one_batch(tiny, batch):
 
     model.set_stage(TEXT_ONLY)
     assert len(model.calculate_loss(batch)) == 2  # stage 1: L_lm and L_user_item
+
+
+def test_ranked_answers_side_by_side_read_the_prompt_and_themselves_alone(tiny, batch):
+    """With rank_candidates, each answer's log-likelihood in the one training pass equals that of a full forward of
+    the prompt and that answer alone; the next item comes first, the others are listed candidates."""
+    model = tiny.build(rank_candidates=3, length_groups=2)
+    model.set_stage(UNIFIED)
+    model.eval()  # no LoRA dropout: the same function in both passes
+    item_seq, item_len, next_items = (batch[key][:4] for key in (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        prompt, user_positions, answers, listed = model.training_prompt(item_seq, item_len, next_items)
+        lm_loss, _, log_likelihoods = model.answered(prompt, answers, user_positions)
+    assert answers.shape == log_likelihoods.shape == (4, 3) and listed.all()
+    assert torch.equal(answers[:, 0], next_items) and (answers[:, 1:] != next_items[:, None]).all()
+    for b in range(4):
+        words = prompt.input_ids[b][prompt.attention_mask[b].bool()].tolist()
+        for item in answers[b, 1:].tolist():  # the others are candidates the prompt lists
+            title = model.title_ids[item, : model.item_text_lengths[item]].tolist()
+            assert any(words[k : k + len(title)] == title for k in range(len(words)))
+        for column in range(3):
+            alone, _ = answer_log_likelihood_after(model, prompt_row(prompt, b), answers[b, column])
+            assert log_likelihoods[b, column].item() == pytest.approx(alone.item(), rel=1e-4, abs=1e-4)
+    n_tokens = int((model.item_text_lengths[next_items] + 1).sum())
+    assert lm_loss.item() == pytest.approx(-log_likelihoods[:, 0].sum().item() / n_tokens, rel=1e-5)
+
+
+def prompt_row(prompt, row):
+    """One row of a left-padded prompt, its padding kept."""
+    return dataclasses.replace(prompt, **{
+        name: getattr(prompt, name)[row : row + 1]
+        for name in ("inputs_embeds", "attention_mask", "input_ids", "position_ids")
+    })
+
+
+def test_rank_loss_is_a_loss_term_whose_gradient_reaches_lora_and_which_training_lowers(tiny, batch):
+    model = tiny.build(rank_candidates=4)
+    model.begin_stage(TEXT_ONLY)
+    model.train()
+    losses = model.calculate_loss(batch)
+    assert len(losses) == 3 and losses[2].item() > 0  # (L_lm, L_user_item, L_rank) in stage 1
+    lora = [weight for name, weight in model.llm.named_parameters() if "lora_B" in name]
+    gradients = torch.autograd.grad(losses[2], lora, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in gradients)  # L_rank alone moves the adapters
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rank_losses = []
+    for step in range(16):  # steps on L_rank alone, on two fixed candidate draws, alternating
+        torch.manual_seed(step % 2)
+        rank_losses.append(model.calculate_loss(batch)[2])
+        optimizer.zero_grad()
+        rank_losses[-1].backward()
+        optimizer.step()
+    for draw in (rank_losses[0::2], rank_losses[1::2]):  # each draw's L_rank falls at every visit
+        falls = [before.item() - after.item() for before, after in zip(draw, draw[1:])]
+        assert min(falls) > 0 and sum(falls) > 0.3
+    model.set_stage(UNIFIED)
+    assert len(model.calculate_loss(batch)) == 4  # (L_lm, L_user_item, L_id_text, L_rank) in stage 2
+
+
+def test_rank_loss_is_the_next_items_cross_entropy_over_listed_rows_only():
+    log_likelihoods = torch.tensor([[-1.0, -2.0, -3.0], [-5.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    listed = torch.tensor([True, False, True])
+    expected = (torch.logsumexp(log_likelihoods[0], 0) + 1.0 + torch.logsumexp(log_likelihoods[2], 0) + 2.0) / 2
+    assert rank_loss(log_likelihoods, listed).item() == pytest.approx(expected.item())
+    assert rank_loss(log_likelihoods, torch.zeros(3, dtype=torch.bool)).item() == 0
+    assert rank_loss(log_likelihoods[:, :1], listed).item() == 0  # only the next item: nothing to rank
 
 
 @pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])

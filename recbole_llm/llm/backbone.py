@@ -174,6 +174,23 @@ def last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids, lay
     ).last_hidden_state.to(inputs_embeds.device)
 
 
+def blockwise_attention_mask(decoder, attention_mask, blocks, dtype) -> torch.Tensor:
+    """A 4D attention mask [B, 1, T, T] for several continuations side by side after one prompt: each token attends to
+    the valid tokens (attention_mask [B, T]) before it in block 0, the prompt, and in its own block (blocks [T]), so
+    every continuation reads the prompt and itself alone. transformers takes a 4D mask as it is: bool for SDPA,
+    additive in `dtype` for eager attention. A padding token attends to itself (no empty softmax)."""
+    columns = torch.arange(len(blocks), device=blocks.device)
+    causal = columns[:, None] >= columns[None, :]
+    readable = (blocks[None, :] == 0) | (blocks[:, None] == blocks[None, :])
+    allowed = (attention_mask.bool()[:, None, :] & causal & readable) | torch.eye(len(blocks), dtype=torch.bool,
+                                                                                  device=blocks.device)
+    module = getattr(decoder, "__self__", decoder)
+    if module.config._attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+    return allowed[:, None]
+
+
 def decoder_cache_argument(decoder) -> str:
     """The decoder's name for past keys and values: `cache` from transformers 5.24, `past_key_values` before."""
     module = getattr(decoder, "__self__", decoder)

@@ -4,9 +4,11 @@ A frozen CF model's item ID embeddings are projected into the LLM's input space 
 each item's title (the unified prompt), so the user's behaviour reads as a language of its own. The LLM is tuned
 with LoRA on a language-modeling loss (write the next item's title) plus two InfoNCE losses: user state vs. next
 item, and projected ID vs. title. As LLaRA trains, a training prompt lists candidates (the next item among others)
-after the history, and the LM loss teaches the LLM to answer with the next item's title. Stage 1 trains on text-only
-prompts, stage 2 on unified prompts. The model ranks all items with its user state against an item tower (RecBole's
-full ranking), and picks one of 20 candidates by writing its title (LLaRA's protocol, recbole_llm.candidate_evaluation).
+after the history, and the LM loss teaches the LLM to answer with the next item's title; beyond the paper, L_rank
+(rank_candidates) ranks the next item's title above listed ones by their likelihood as the answer. Stage 1 trains on
+text-only prompts, stage 2 on unified prompts. The model ranks all items with its user state against an item tower
+(RecBole's full ranking), and picks one of 20 candidates by writing its title (LLaRA's protocol,
+recbole_llm.candidate_evaluation).
 """
 
 import copy
@@ -20,7 +22,9 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from recbole_llm.errors import RecBoleLLMError, is_int, is_number, require
-from recbole_llm.llm.backbone import cut_layers, decoder_cache_argument, last_hidden_states, llm_from_config
+from recbole_llm.llm.backbone import (
+    blockwise_attention_mask, cut_layers, decoder_cache_argument, last_hidden_states, llm_from_config,
+)
 from recbole_llm.llm.item_text import ItemTextTable, item_texts_from_config, template_fields
 from recbole_llm.llm.prompt import Prompt, PromptAssembler, fit_to_context
 from recbole_llm.model.abstract_recommender import LLMSequentialRecommender, TrainingStage, count_parameters
@@ -43,6 +47,7 @@ class RSLLM(LLMSequentialRecommender):
         item_head, item_tail = template_parts(config, "item_prompt_template", "item")
         listing_head, listing_tail = template_parts(config, "candidate_template", "candidates")
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
+        self.rank_candidates, self.gamma = config["rank_candidates"], config["gamma"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
         self.length_groups = config["length_groups"]
@@ -96,7 +101,7 @@ class RSLLM(LLMSequentialRecommender):
         require(config, "lora_dropout", is_number(dropout) and 0 <= dropout < 1, "it must be in [0, 1)")
         require(config, "lora_target_modules", bool(config["lora_target_modules"]),
                 "name LLM modules, e.g. [q_proj, v_proj]")
-        for key in ("alpha", "beta"):
+        for key in ("alpha", "beta", "gamma"):
             require(config, key, is_number(config[key]) and config[key] >= 0, "it must be a loss weight >= 0")
         require(config, "tau", is_number(config["tau"]) and config["tau"] > 0, "it must be a positive temperature")
         require(config, "slot_gate_lr", is_number(config["slot_gate_lr"]) and config["slot_gate_lr"] > 0,
@@ -114,6 +119,11 @@ class RSLLM(LLMSequentialRecommender):
                 "it must be a positive integer: 1 runs each training batch as one padded pass")
         share = config["candidate_train_share"]
         require(config, "candidate_train_share", is_number(share) and 0 <= share <= 1, "it must be a share in [0, 1]")
+        ranked = config["rank_candidates"]
+        require(config, "rank_candidates", is_int(ranked) and (ranked == 0 or 2 <= ranked <= config["n_candidates"]),
+                f"it must be 0 (no L_rank) or an integer in [2, n_candidates = {config['n_candidates']}]")
+        require(config, "rank_candidates", ranked == 0 or share > 0,
+                "L_rank ranks the candidates a training prompt lists: set candidate_train_share > 0, or 0 here")
         template_parts(config, "prompt_template", "history")
         template_parts(config, "item_prompt_template", "item")
         template_parts(config, "candidate_template", "candidates")
@@ -177,10 +187,12 @@ class RSLLM(LLMSequentialRecommender):
     def input_embeddings(self):
         return self.llm.get_input_embeddings()
 
+    def decoder(self):
+        return self.llm.get_base_model().get_decoder()
+
     def last_hidden_states(self, inputs_embeds, attention_mask, position_ids):
         """The decoder's last-layer states [B, T, d_llm], without the LM head's vocabulary logits."""
-        decoder = self.llm.get_base_model().get_decoder()
-        return last_hidden_states(decoder, inputs_embeds, attention_mask, position_ids)
+        return last_hidden_states(self.decoder(), inputs_embeds, attention_mask, position_ids)
 
     def prompt_state(self, prompt):
         """The LLM's state at the last prompt position [B, d_llm] (prompts are left-padded, so column -1)."""
@@ -211,15 +223,17 @@ class RSLLM(LLMSequentialRecommender):
         """The item tower [N, d_llm], which user states are scored against: the stage's item prompt -> state head."""
         return self.state_head(self.item_states(items, self.stage))
 
-    # ---- 4. Losses: L = L_lm + alpha * L_user_item + beta * L_id_text ------------------------------------------
+    # ---- 4. Losses: L = L_lm + alpha * L_user_item + beta * L_id_text (+ gamma * L_rank) -------------------------
 
     def calculate_loss(self, interaction):
-        """(L_lm, alpha * L_user_item) in stage 1; (L_lm, alpha * L_user_item, beta * L_id_text) in stage 2."""
+        """(L_lm, alpha * L_user_item) in stage 1; (L_lm, alpha * L_user_item, beta * L_id_text) in stage 2; with
+        rank_candidates, gamma * L_rank last in both."""
         self.item_matrix_outdated()  # an optimizer step follows
         item_seq, item_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         next_items = interaction[self.POS_ITEM_ID]  # [B]
-        prompt, user_positions = self.training_prompt(item_seq, item_len, next_items)
-        lm_loss, user_prompt_states = self.answered(prompt, next_items, user_positions)
+        prompt, user_positions, answers, listed = self.training_prompt(item_seq, item_len, next_items)
+        lm_loss, user_prompt_states, answer_log_likelihoods = self.answered(prompt, answers, user_positions)
+        ranking = (self.gamma * rank_loss(answer_log_likelihoods, listed),) if self.rank_candidates else ()
         user_states = self.state_head(user_prompt_states)
         # the keys are the batch's next items: never a cold item (its training rows are gone), and the candidate lists
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
@@ -232,28 +246,33 @@ class RSLLM(LLMSequentialRecommender):
             keys = self.compared(self.item_embedding(items))
             user_item_loss = info_nce(self.compared(user_states), keys, next_index, self.tau)
         if self.stage == TEXT_ONLY:
-            return lm_loss, self.alpha * user_item_loss
+            return lm_loss, self.alpha * user_item_loss, *ranking
 
         projected_ids = self.projector(self.cf_encoder.item_embeddings[items])  # [U, d_llm], before the slot gate
         title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
         id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
-        return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss
+        return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss, *ranking
 
     def training_prompt(self, item_seq, item_len, next_items):
         """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
-        n_candidates candidates: the next item and warm items outside the history, drawn afresh for every batch. Returns
-        the prompt and where each user prompt ends [B]."""
+        n_candidates candidates: the next item and warm items outside the history, drawn afresh for every batch.
+        Returns the prompt, where each user prompt ends [B], the answers to score [B, K] (the next item, then with
+        rank_candidates K - 1 of the listed others) and which rows list candidates [B]."""
         prompt = self.user_prompt(item_seq, item_len)
         listed = torch.rand(len(item_seq), device=item_seq.device) < self.candidate_share  # [B] rows that list some
         if not listed.any():
-            return prompt, torch.full_like(item_len, prompt.attention_mask.shape[1] - 1)
+            return prompt, torch.full_like(item_len, prompt.attention_mask.shape[1] - 1), next_items[:, None], listed
         candidates, _ = sample_candidates(  # never a cold item: no loss teaches that it is a wrong answer
             item_seq, next_items, self.n_items, self.n_candidates, excluded=self.is_cold_item
         )
         listing = self.candidate_list(candidates)
         listing.attention_mask[~listed] = 0  # the other rows' lists become padding
         prompt = joined(prompt, listing)
-        return prompt, prompt.attention_mask.shape[1] - 1 - listing.attention_mask.sum(1)
+        answers = next_items[:, None]
+        if self.rank_candidates:  # the listed order is random, so the first K - 1 others are a uniform draw of them
+            others = candidates[candidates != next_items[:, None]].view(len(candidates), -1)  # [B, C - 1]
+            answers = torch.cat([answers, others[:, : self.rank_candidates - 1]], dim=1)
+        return prompt, prompt.attention_mask.shape[1] - 1 - listing.attention_mask.sum(1), answers, listed
 
     def candidate_list(self, candidates):
         """The stage's list of candidates [B, C] that follows a user prompt (with ID slots in the unified stage)."""
@@ -262,16 +281,27 @@ class RSLLM(LLMSequentialRecommender):
             slots=self.id_slots(candidates, self.stage),
         )
 
-    def with_answer(self, prompt, items):
-        """The prompt followed by each item's title and the end token, and the LM labels: -100 everywhere but on
-        the answer's tokens. Returns inputs_embeds [B, T + A, d], attention_mask, position_ids and labels [B, T + A]."""
-        answer_ids, in_answer = self.answer_tokens(items)
+    def with_answers(self, prompt, answers):
+        """The prompt followed by K answers [B, K] side by side, each item's title and the end token in a block of A
+        columns that continues the prompt (the same positions in every block). Returns inputs_embeds
+        [B, T + K * A, d], attention_mask, position_ids, labels (-100 everywhere but on the answers' tokens), the
+        block of each column [T + K * A] (0: the prompt) and the column whose state predicts it (an answer's first
+        token: the prompt's last; each other: the one before it)."""
+        n_rows, n_answers = answers.shape
+        answer_ids, in_answer = self.answer_tokens(answers.reshape(-1))  # [B * K, A]
+        answer_length = answer_ids.shape[1]
+        answer_ids, in_answer = answer_ids.view(n_rows, -1), in_answer.view(n_rows, -1)  # [B, K * A], block by block
         inputs_embeds = torch.cat([prompt.inputs_embeds, self.input_embeddings()(answer_ids)], dim=1)
         attention_mask = torch.cat([prompt.attention_mask, in_answer.long()], dim=1)
-        position_ids = torch.cat([prompt.position_ids, answer_positions(prompt, answer_ids.shape[1])], dim=1)
+        positions = answer_positions(prompt, answer_length).repeat(1, n_answers)
+        position_ids = torch.cat([prompt.position_ids, positions], dim=1)
         prompt_labels = torch.full_like(prompt.attention_mask, IGNORED)
         labels = torch.cat([prompt_labels, answer_ids.masked_fill(~in_answer, IGNORED)], dim=1)
-        return inputs_embeds, attention_mask, position_ids, labels
+        prompt_length, columns = prompt.attention_mask.shape[1], torch.arange(labels.shape[1], device=labels.device)
+        blocks = ((columns - prompt_length).div(answer_length, rounding_mode="floor") + 1).clamp(min=0)
+        starts_answer = (columns >= prompt_length) & ((columns - prompt_length) % answer_length == 0)
+        predictors = torch.where(starts_answer, prompt_length - 1, columns - 1)
+        return inputs_embeds, attention_mask, position_ids, labels, blocks, predictors
 
     def answer_tokens(self, items):
         """Each item's title and the end token as an answer: ids [N, A] (padded) and which are the answer's [N, A]."""
@@ -281,33 +311,45 @@ class RSLLM(LLMSequentialRecommender):
         answer_ids = answer_ids.scatter(1, title_lengths, self.tokenizer.eos_token_id)  # [N, A] title, end, padding
         return answer_ids, torch.arange(answer_length, device=items.device) <= title_lengths
 
-    def answered(self, prompt, next_items, user_positions):
-        """The LLM on each training prompt followed by its answer: L_lm, the mean over the batch's answer tokens, and
-        the state where each user prompt ends [B, d_llm] (the causal LLM's state there ignores the candidates and the
-        answer that follow it). The rows run in length_groups groups of similar length, each cut to its own longest
-        row (length_groups in RSLLM.yaml says how much padding that saves)."""
-        inputs_embeds, attention_mask, position_ids, labels = self.with_answer(prompt, next_items)
-        n_labels = (labels[:, 1:] != IGNORED).sum()
+    def answered(self, prompt, answers, user_positions):
+        """The LLM on each training prompt followed by its answers [B, K] (the next item first): L_lm, the mean over
+        the next items' answer tokens; the state where each user prompt ends [B, d_llm] (the causal LLM's state there
+        ignores the candidates and the answers that follow it); and each answer's log-likelihood [B, K], summed over
+        its tokens. The rows run in length_groups groups of similar length, each cut to its own longest row
+        (length_groups in RSLLM.yaml says how much padding that saves)."""
+        inputs_embeds, attention_mask, position_ids, labels, blocks, predictors = self.with_answers(prompt, answers)
+        n_labels = (labels[:, blocks == 1] != IGNORED).sum()
         order = attention_mask.sum(1).argsort()
         groups = order.chunk(self.length_groups)
         first = attention_mask.argmax(1)  # each row's first token (left padding before it) ...
         last = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(1)  # ... and its last (answer padding after)
         spans = torch.stack([torch.stack([first[rows].min(), last[rows].max() + 1]) for rows in groups]).tolist()
-        lm_loss_sum, states = 0.0, []
+        log_likelihoods, states = [], []
         for rows, (start, end) in zip(groups, spans):  # one host sync for the groups' spans, above
+            mask = attention_mask[rows, start:end]
+            if answers.shape[1] > 1:  # answers side by side: each reads the prompt and itself alone
+                mask = blockwise_attention_mask(self.decoder(), mask, blocks[start:end], inputs_embeds.dtype)
             hidden = self.last_hidden_states(  # [rows, end - start, d_llm]
-                inputs_embeds[rows, start:end], attention_mask[rows, start:end], position_ids[rows, start:end]
+                inputs_embeds[rows, start:end], mask, position_ids[rows, start:end]
             )
-            lm_loss_sum = lm_loss_sum + self.answer_tokens_loss(hidden, labels[rows, start:end])
+            token_log_likelihoods = self.label_log_likelihoods(  # [rows, end - start]
+                hidden, labels[rows, start:end], predictors[start:end] - start
+            )
+            answer_columns = F.pad(token_log_likelihoods, (start, labels.shape[1] - end))[:, blocks > 0]
+            log_likelihoods.append(answer_columns.view(len(rows), answers.shape[1], -1).sum(-1))  # [rows, K]
             states.append(hidden[torch.arange(len(rows), device=hidden.device), user_positions[rows] - start])
-        return lm_loss_sum / n_labels, torch.cat(states)[order.argsort()]
+        restored = order.argsort()
+        log_likelihoods = torch.cat(log_likelihoods)[restored]
+        return -log_likelihoods[:, 0].sum() / n_labels, torch.cat(states)[restored], log_likelihoods
 
-    def answer_tokens_loss(self, hidden, labels):
-        """The causal LM loss of the labelled tokens, summed over them; the LM head runs only at the positions that
-        predict them."""
-        predicts_label = labels[:, 1:] != IGNORED  # [B, T - 1]: position t predicts token t + 1
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][predicts_label])  # [n_answer_tokens, vocab]
-        return F.cross_entropy(logits.float().to(labels.device), labels[:, 1:][predicts_label], reduction="sum")
+    def label_log_likelihoods(self, hidden, labels, predictors):
+        """Each labelled token's log-likelihood [B, T] (0 elsewhere), read from the LLM's state at its predictor
+        column; the LM head runs only at the states that predict a label."""
+        rows, columns = (labels != IGNORED).nonzero(as_tuple=True)
+        logits = self.llm.get_output_embeddings()(hidden[rows, predictors[columns]])  # [n_labelled, vocab]
+        token_log_likelihoods = -F.cross_entropy(logits.float().to(labels.device), labels[rows, columns],
+                                                 reduction="none")
+        return torch.zeros(labels.shape, device=labels.device).index_put((rows, columns), token_log_likelihoods)
 
     # ---- 5. Two stages: text-only prompts, then unified prompts --------------------------------------------------
 
@@ -426,6 +468,15 @@ class RSLLM(LLMSequentialRecommender):
             log_probs = lm_head(predicting).float().log_softmax(-1).gather(2, ids[..., None])[..., 0]  # [B, A]
             sums.append((log_probs * answered).sum(1))
         return torch.stack(sums, dim=1), in_answer.sum(-1)
+
+
+def rank_loss(answer_log_likelihoods, listed):
+    """L_rank: the cross-entropy of the next item (column 0) among the answers' log-likelihoods [B, K], over the rows
+    whose prompt listed candidates (listed [B]); 0 where none did."""
+    if answer_log_likelihoods.shape[1] < 2 or not listed.any():
+        return answer_log_likelihoods.new_zeros(())
+    listed_rows = answer_log_likelihoods[listed]
+    return F.cross_entropy(listed_rows, torch.zeros(len(listed_rows), dtype=torch.long, device=listed_rows.device))
 
 
 def info_nce(queries, keys, positives, tau):
