@@ -31,6 +31,7 @@ METRICS = ("ndcg@10", "recall@10")
 # LLaRA's candidate protocol, where a setting asks for it (candidate_eval: True): HR@1 of the greedy answers, as the
 # quality page and rsllm_picks report it; the users and candidates are candidate_seed's, the same for every run
 CANDIDATE_METRIC = "hr@1_x_valid_ratio"
+RANKED_METRIC = "hr@1_ranked"  # the same candidates as the model ranks them: for RSLLM, the likeliest title
 BF16_SETTINGS = ("cpu_bf16", "no_grad_bf16")  # on or off, the same fp32 run on a CPU without bf16 matrix units
 
 
@@ -146,6 +147,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             valid = [run["best_valid_score"] for run in label_runs]
             test = [run["test_result"]["ndcg@10"] for run in label_runs]
             hits = [run["test_result"][CANDIDATE_METRIC] for run in label_runs if run.get("candidate_per_user")]
+            ranked_hits = [run["test_result"][RANKED_METRIC] for run in label_runs if run.get("candidate_per_user")]
             name = run_label(model, label)
             rows.append({
                 "model": model, "setting": label, "seeds": ",".join(map(str, seeds_of[label])),
@@ -155,6 +157,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
                 "p vs default (Holm)": getattr(to_default.get(("ndcg@10", name)), "p_holm", None),
                 "HR@1 x VR": mean_std(hits) if hits else "-",
                 "Δ HR@1 x VR vs default": difference_text(to_default, CANDIDATE_METRIC, name, alpha),
+                "Δ HR@1 x VR vs Pop": difference_text(to_floor, CANDIDATE_METRIC, name, alpha),
+                "HR@1 likeliest": mean_std(ranked_hits) if ranked_hits else "-",
                 "valid mean": float(np.mean(valid)), "test mean": float(np.mean(test)),
                 "train (s)": float(np.mean([run["train_time"] for run in label_runs])),
                 "paired over seeds": ",".join(map(str, paired_over[label])),
@@ -165,7 +169,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
     shown = ["model", "setting", "seeds", "valid NDCG@10", "test NDCG@10", "Δ test NDCG@10 vs default",
              "Δ test NDCG@10 vs Pop", "train (s)"]
     if any(row["HR@1 x VR"] != "-" for row in rows):  # a setting answered candidates: their hits beside
-        shown[-1:-1] = ["HR@1 x VR", "Δ HR@1 x VR vs default"]
+        shown[-1:-1] = ["HR@1 x VR", "Δ HR@1 x VR vs default", "Δ HR@1 x VR vs Pop", "HR@1 likeliest"]
     columns = {key: key for key in shown}
     note = (f"valid and test: mean ± std over the seeds. Δ: the setting minus the model's default (or Pop) on the "
             f"same test users, each user's NDCG@10 averaged over the seeds both ran first; the mean and its "
@@ -176,7 +180,9 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
     if "HR@1 x VR" in columns:
         note += (f" HR@1 x VR: LLaRA's candidate protocol (greedy answers; hits over all asked, invalid answers "
                  f"miss) on the same {candidate_count(runs)} test users and candidates in every run (candidate_seed), "
-                 f"its Δ as NDCG@10's.")
+                 f"its Δ as NDCG@10's (against Pop where Pop answered them too: its most popular candidate). "
+                 f"HR@1 likeliest: the candidate the model ranks first (RSLLM: the title it finds likeliest as its "
+                 f"answer, summed over the title's tokens), on the same users.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)

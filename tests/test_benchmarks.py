@@ -205,7 +205,7 @@ def test_readme_shows_the_committed_results():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    known = "cpu, cpu-bf16, cpu-epoch, cpu-long, gpu, smoke"
+    known = "cpu, cpu-bf16, cpu-epoch, cpu-long, cpu-picks, gpu, smoke"
     with pytest.raises(RecBoleLLMError, match=f"profile 'nope' not found: use one of {known}"):
         quality.main(["--profile=nope"])
 
@@ -239,8 +239,11 @@ def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(
     assert re.fullmatch(interval, rows[0]["Δ test NDCG@10 vs Pop"]) and rows[2]["Δ test NDCG@10 vs Pop"] == "-"
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["valid NDCG@10"])
     # the Laser rows answered 16 users' candidates, the same users in every run: their hits compared as NDCG@10's
-    assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["HR@1 x VR"]) and rows[2]["HR@1 x VR"] == "-"
+    assert all(re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", row[column]) for row in rows
+               for column in ("HR@1 x VR", "HR@1 likeliest"))  # Pop too: its most popular candidate
     assert re.fullmatch(interval, rows[1]["Δ HR@1 x VR vs default"]) and rows[0]["Δ HR@1 x VR vs default"] == "-"
+    assert all(re.fullmatch(interval, row["Δ HR@1 x VR vs Pop"]) for row in rows[:2])
+    assert rows[2]["Δ HR@1 x VR vs Pop"] == "-"
     page = out.joinpath("ablations-smoke.md").read_text()
     assert "on the same 16 test users and candidates in every run" in page
     assert "| Laser | deep_prefix: False | 2020,2021 |" in page and "Holm" in page and "**Machine**" in page
