@@ -31,7 +31,7 @@ METRICS = ("ndcg@10", "recall@10")
 # LLaRA's candidate protocol, where a setting asks for it (candidate_eval: True): HR@1 of the greedy answers, as the
 # quality page and rsllm_picks report it; the users and candidates are candidate_seed's, the same for every run
 CANDIDATE_METRIC = "hr@1_x_valid_ratio"
-RANKED_METRIC = "hr@1_ranked"  # the same candidates as the model ranks them: for RSLLM, the likeliest title
+RANKED_METRIC = "hr@1_ranked"  # the same candidates as the model ranks them: for RSLLM, the likeliest title per token
 BF16_SETTINGS = ("cpu_bf16", "no_grad_bf16")  # on or off, the same fp32 run on a CPU without bf16 matrix units
 
 
@@ -181,8 +181,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
         note += (f" HR@1 x VR: LLaRA's candidate protocol (greedy answers; hits over all asked, invalid answers "
                  f"miss) on the same {candidate_count(runs)} test users and candidates in every run (candidate_seed), "
                  f"its Δ as NDCG@10's (against Pop where Pop answered them too: its most popular candidate). "
-                 f"HR@1 likeliest: the candidate the model ranks first (RSLLM: the title it finds likeliest as its "
-                 f"answer, summed over the title's tokens), on the same users.")
+                 f"HR@1 likeliest: the candidate the model ranks first (RSLLM: the title with the highest "
+                 f"log-likelihood per token as its answer), on the same users.")
     title = f"Ablations: {profile.dataset}, each setting over seeds {', '.join(map(str, plan['seeds']))}, " \
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)
