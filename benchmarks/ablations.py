@@ -20,7 +20,7 @@ import numpy as np
 from benchmarks.kept_runs import claimed
 from benchmarks.report import run_script, write_page
 from benchmarks.settings import benchmark_settings, split_arguments
-from recbole_llm.comparison import markdown_table, reference_differences, write_csv
+from recbole_llm.comparison import CF_MODEL, cf_model_differences, markdown_table, reference_differences, write_csv
 from recbole_llm.environment import cpu_computes_bf16, run_environment
 from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import run_recbole_llm
@@ -77,17 +77,23 @@ def run_label(model, label):
 
 
 def kept(result, model, label):
-    """What the page needs of one run: its scores and its test users' metrics."""
-    per_user = result["test_per_user"]
+    """What the page needs of one run: its scores and its test users' metrics, and those of the CF model it reads."""
     return {
         "model": run_label(model, label), "base": model, "setting": label, "seed": result["seed"],
         "best_valid_score": result["best_valid_score"], "test_result": dict(result["test_result"]),
-        "test_per_user": {"user_id": [str(u) for u in per_user["user_id"]],
-                          **{metric: per_user[metric].tolist() for metric in METRICS}},
-        "candidate_per_user": candidate_users(result),
+        "test_per_user": test_users(result), "candidate_per_user": candidate_users(result),
+        "companions": [{"model": companion["model"], "seed": companion["seed"],
+                        "test_result": dict(companion["test_result"]), "test_per_user": test_users(companion)}
+                       for companion in result["companions"]],
         "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
         "environment": run_environment(), "autocast": result["autocast"],
     }
+
+
+def test_users(result):
+    per_user = result["test_per_user"]
+    return {"user_id": [str(u) for u in per_user["user_id"]],
+            **{metric: per_user[metric].tolist() for metric in METRICS}}
 
 
 def candidate_users(result):
@@ -102,9 +108,10 @@ def read_runs(runs_dir):
     runs = []
     for path in sorted(runs_dir.glob("*.json")):
         run = json.loads(path.read_text())
-        for key in ("test_per_user", "candidate_per_user"):
-            if run.get(key) is not None:
-                run[key] = {name: np.asarray(values) for name, values in run[key].items()}
+        for row in (run, *run.get("companions", ())):  # runs kept before companions were have none
+            for key in ("test_per_user", "candidate_per_user"):
+                if row.get(key) is not None:
+                    row[key] = {name: np.asarray(values) for name, values in row[key].items()}
         runs.append(run)
     return runs
 
@@ -142,8 +149,10 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
                     for (metric, _), differences in reference_differences(group_runs, [reference], settings).items():
                         found.update({(metric, name): d for name, d in differences.items() if name in names})
             paired_over.update({label: sorted(seeds) for label in group})
+        to_cf = cf_differences(family, settings)
         for label in kept_labels:
             label_runs = [run for run in family if run["setting"] == label]
+            cf_test = [run["companions"][0]["test_result"]["ndcg@10"] for run in label_runs if run.get("companions")]
             valid = [run["best_valid_score"] for run in label_runs]
             test = [run["test_result"]["ndcg@10"] for run in label_runs]
             hits = [run["test_result"][CANDIDATE_METRIC] for run in label_runs if run.get("candidate_per_user")]
@@ -154,6 +163,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
                 "valid NDCG@10": mean_std(valid), "test NDCG@10": mean_std(test),
                 "Δ test NDCG@10 vs default": difference_text(to_default, "ndcg@10", name, alpha),
                 "Δ test NDCG@10 vs Pop": difference_text(to_floor, "ndcg@10", name, alpha),
+                "its CF model's test NDCG@10": mean_std(cf_test) if cf_test else "-",
+                "Δ test NDCG@10 vs its CF model": difference_text(to_cf, "ndcg@10", name, alpha),
                 "p vs default (Holm)": getattr(to_default.get(("ndcg@10", name)), "p_holm", None),
                 "HR@1 x VR": mean_std(hits) if hits else "-",
                 "Δ HR@1 x VR vs default": difference_text(to_default, CANDIDATE_METRIC, name, alpha),
@@ -168,6 +179,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
     write_csv(stem, rows)
     shown = ["model", "setting", "seeds", "valid NDCG@10", "test NDCG@10", "Δ test NDCG@10 vs default",
              "Δ test NDCG@10 vs Pop", "train (s)"]
+    if any(row["its CF model's test NDCG@10"] != "-" for row in rows):  # an LLM model: the CF model it reads
+        shown[-1:-1] = ["its CF model's test NDCG@10", "Δ test NDCG@10 vs its CF model"]
     if any(row["HR@1 x VR"] != "-" for row in rows):  # a setting answered candidates: their hits beside
         shown[-1:-1] = ["HR@1 x VR", "Δ HR@1 x VR vs default", "Δ HR@1 x VR vs Pop", "HR@1 likeliest"]
     columns = {key: key for key in shown}
@@ -177,6 +190,9 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
             f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
             f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}.")
+    if "Δ test NDCG@10 vs its CF model" in columns:
+        note += (" Its CF model: the frozen CF model each run reads (one per seed), tested on the same users; Δ, each "
+                 "setting against the CF models its own runs read, Holm-corrected over the model's settings.")
     if "HR@1 x VR" in columns:
         note += (f" HR@1 x VR: LLaRA's candidate protocol (greedy answers; hits over all asked, invalid answers "
                  f"miss) on the same {candidate_count(runs)} test users and candidates in every run (candidate_seed), "
@@ -187,6 +203,18 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"profile {profile.name}"
     write_page(stem, title, stamp, [("Settings", markdown_table(rows, columns) + "\n\n" + note)], figure=False)
     print(f"written: {stem}.md, .csv ({len(runs)} runs)")
+
+
+def cf_differences(family, settings):
+    """{("ndcg@10", row name): PairedDifference} of each setting of a model against the CF models its runs read (each
+    run's own, one per seed), Holm-corrected over the settings; {} for models that read none."""
+    rows = []
+    for run in family:
+        for companion in run.get("companions", ()):  # each setting's CF rows apart: its seeds' CF models
+            read = {**companion, "model": f"CF model of {run['model']}"}
+            rows += [{**run, "companions": [read]}, read]
+    found = cf_model_differences(rows, {**settings, "significance_metrics": ["ndcg@10"]}).get(("ndcg@10", CF_MODEL), {})
+    return {("ndcg@10", name): difference for name, difference in found.items()}
 
 
 def candidate_count(runs):

@@ -238,6 +238,13 @@ def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(
     assert re.fullmatch(interval, rows[1]["Δ test NDCG@10 vs default"])
     assert re.fullmatch(interval, rows[0]["Δ test NDCG@10 vs Pop"]) and rows[2]["Δ test NDCG@10 vs Pop"] == "-"
     assert re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", rows[0]["valid NDCG@10"])
+    # each Laser run against the CF SASRec it read (its seed's): the users' mean difference is the means' difference
+    for row in rows[:2]:
+        cf_mean = float(row["its CF model's test NDCG@10"].split(" ± ")[0])
+        assert re.fullmatch(interval, row["Δ test NDCG@10 vs its CF model"])
+        assert float(row["Δ test NDCG@10 vs its CF model"].split()[0]) == pytest.approx(
+            float(row["test mean"]) - cf_mean, abs=2e-4)
+    assert rows[2]["its CF model's test NDCG@10"] == rows[2]["Δ test NDCG@10 vs its CF model"] == "-"  # Pop reads none
     # the Laser rows answered 16 users' candidates, the same users in every run: their hits compared as NDCG@10's
     assert all(re.fullmatch(r"\d\.\d{4} ± \d\.\d{4}", row[column]) for row in rows
                for column in ("HR@1 x VR", "HR@1 likeliest"))  # Pop too: its most popular candidate
