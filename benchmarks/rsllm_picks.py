@@ -16,9 +16,12 @@ pickers that take their best-scored candidate: the items' popularity (their coun
 items) and the CF model whose item embeddings fill RSLLM's ID slots.
 
 For each: LLaRA's HR@1, ValidRatio and HR@1 x ValidRatio (greedy answers), HR@1 of the title ranked most likely
-(per token), and where the picks sit in the listed order: the share of answers naming the first and the last listed
-candidate (1/n_candidates each for a model that reads the user; the targets are placed uniformly), and the largest
-share any one position gets. Paired intervals of each row's hits against the trained model's, over the same users. Writes rsllm-picks-<dataset>.md and .csv.
+(per token) and of the candidate its full ranking scores highest (the user state against the item tower), and where
+the picks sit in the listed order: the share of answers naming the first and the last listed candidate
+(1/n_candidates each for a model that reads the user; the targets are placed uniformly), and the largest share any
+one position gets. Paired intervals of each row's hits against the trained model's, over the same users. Writes
+rsllm-picks-<dataset>.md and .csv (with --users: rsllm-picks-<dataset>-<users>-users-seed-<seed>, a page per trained
+model).
 """
 
 import sys
@@ -70,7 +73,10 @@ def main(argv=None):
         ])
         for row, difference in zip(rows[1:], differences):
             row[f"Δ {metric} vs as trained"] = difference.text(config["significance_level"])
-    write_results(out, stamp, dataset.dataset_name, checkpoint, model, rows)
+    name = dataset.dataset_name  # all test users; some: one page per trained model
+    if own.get("users"):
+        name += f"-{own['users']}-users-seed-{config['seed']}"
+    write_results(out, stamp, name, checkpoint, model, rows)
     return rows
 
 
@@ -152,12 +158,13 @@ def pick_positions(picks, n_candidates):
     return row
 
 
-def write_results(out, stamp, dataset_name, checkpoint, model, rows):
+def write_results(out, stamp, name, checkpoint, model, rows):
     out.mkdir(parents=True, exist_ok=True)
-    stem = str(out / f"rsllm-picks-{dataset_name}")
+    stem = str(out / f"rsllm-picks-{name}")
     write_csv(stem, rows)
     columns = {"variant": "variant", "hr@1_candidates": "HR@1", "valid_ratio": "ValidRatio",
                "hr@1_x_valid_ratio": "HR@1 x ValidRatio", "hr@1_ranked": "HR@1 (likeliest title)",
+               "hr@1_ranked_scores": "HR@1 (its full ranking's scores)",
                "Δ hr@1_x_valid_ratio vs as trained": "Δ HR@1 x ValidRatio", "Δ hr@1_ranked vs as trained":
                "Δ HR@1 (likeliest)", "answer first": "answers: first listed", "answer last": "last listed",
                "answer top position": "most picked position: share", "answer top at": "at",
@@ -165,8 +172,9 @@ def write_results(out, stamp, dataset_name, checkpoint, model, rows):
     gate = model.slot_gate.item()
     note = (f"{checkpoint}: stage {model.stage}, slot gate {gate:+.3f} (the ID slots enter the prompt times this). "
             f"Δ: the variant's per-user hits minus the trained model's on the same users, with a paired bootstrap "
-            f"95% interval; * where the paired test is significant after Holm's correction. A model that reads its users puts 1/n_candidates of its picks at each position.")
-    write_page(stem, f"RSLLM's picks: {dataset_name}", stamp, [("Candidate protocol", markdown_table(rows, columns)
+            f"95% interval; * where the paired test is significant after Holm's correction. A model that reads its "
+            f"users puts 1/n_candidates of its picks at each position.")
+    write_page(stem, f"RSLLM's picks: {name}", stamp, [("Candidate protocol", markdown_table(rows, columns)
                                                                  + "\n\n" + note)], figure=False)
     print(f"written: {stem}.md, .csv")
 

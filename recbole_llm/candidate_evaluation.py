@@ -120,15 +120,22 @@ def named_candidates(answers, candidate_names):
 def candidate_rankings(model, interaction, candidates):
     """How the model ranks each user's candidates [B, C] (on the CPU), by name: "ranked" by the scores of a model
     that scores items, or, for a model that writes answers, by the log-likelihood per token of each candidate's title
-    as its answer (and "ranked_sum", the log-likelihood in all)."""
+    as its answer (and "ranked_sum", the log-likelihood in all; "ranked_scores", its full ranking's scores: does
+    its user state know what its answer does not?)."""
     if answers_candidates(model):
         sums, lengths = model.candidate_log_likelihoods(
             interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
         )
-        return {RANKED: (sums / lengths).cpu(), f"{RANKED}_sum": sums.cpu()}
+        return {RANKED: (sums / lengths).cpu(), f"{RANKED}_sum": sums.cpu(),
+                f"{RANKED}_scores": candidate_scores(model, interaction, candidates)}
+    return {RANKED: candidate_scores(model, interaction, candidates)}
+
+
+def candidate_scores(model, interaction, candidates):
+    """The model's full-ranking scores of each user's candidates [B, C], on the CPU."""
     with torch.autocast(model.device.type, enabled=False):
         scores = model.full_sort_predict(interaction).float().reshape(len(candidates), -1).cpu()  # [B, n_items]
-    return {RANKED: scores.gather(1, candidates)}
+    return scores.gather(1, candidates)
 
 
 def ranking_metrics(scores, target_index, name):

@@ -309,6 +309,8 @@ def test_rsllm_picks_read_the_model_with_its_id_slots_as_trained_zeroed_and_shuf
     for row in rows:
         assert 0 <= row["hr@1_ranked"] <= 1 and 0 <= row["valid_ratio"] <= 1
         assert 0 <= row["likeliest first"] <= row["likeliest top position"] <= 1  # shares of the 24 users' picks
+    assert all(0 <= row["hr@1_ranked_scores"] <= 1 for row in rows[:3])  # RSLLM's full ranking on the same lists
+    assert "hr@1_ranked_scores" not in rows[3]  # an ID picker's own ranking is its scores ("hr@1_ranked")
     assert all(re.fullmatch(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]( \*)?", row["Δ hr@1_ranked vs as trained"])
                for row in rows[1:])
     _, model, _, _, _, test_data = load_data_and_model(checkpoint)
@@ -321,4 +323,4 @@ def test_rsllm_picks_read_the_model_with_its_id_slots_as_trained_zeroed_and_shuf
                            type(model).id_slots(model, shuffled.permutation[items], "unified"))  # another item's ID
         assert not torch.equal(model.id_slots(items, "unified"), trained)
     assert torch.equal(model.id_slots(items, "unified"), trained)  # the model's own again
-    assert "| ID slots shuffled |" in out.joinpath("rsllm-picks-ml-100k-tiny.md").read_text()
+    assert "| ID slots shuffled |" in out.joinpath("rsllm-picks-ml-100k-tiny-24-users-seed-2020.md").read_text()

@@ -14,7 +14,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import RSLLM_SIZES, TINY_DATASET, assert_users_in_chunks_score_as_one_pass, tiny_config
-from recbole_llm.candidate_evaluation import candidate_metrics, named_candidates, ranking_metrics
+from recbole_llm.candidate_evaluation import candidate_metrics, candidate_rankings, named_candidates, ranking_metrics
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
@@ -140,6 +140,20 @@ def test_candidate_likelihoods_in_one_batched_pass_equal_a_full_forward_per_cand
                                                      candidates[user:user + 1], candidates[user, column])
             assert float(sums[user, column]) == pytest.approx(float(expected), abs=1e-3)
             assert int(lengths[user, column]) == tokens == int(rsllm.item_text_lengths[candidates[user, column]]) + 1
+
+
+def test_candidates_are_also_ranked_by_the_user_state_against_the_item_tower(rsllm, batch):
+    rsllm.set_stage(UNIFIED)
+    rsllm.eval()
+    users = batch[torch.arange(3)]
+    candidates, _ = sample_candidates(users[rsllm.ITEM_SEQ], users[rsllm.POS_ITEM_ID], rsllm.n_items, 4,
+                                      torch.Generator().manual_seed(0))
+    rankings = candidate_rankings(rsllm, users, candidates)
+    assert set(rankings) == {"ranked", "ranked_sum", "ranked_scores"}  # per token, in all, by the full ranking
+    with torch.no_grad():
+        full_ranking = rsllm.full_sort_predict(users).view(3, -1)  # [3, n_items]
+    assert torch.allclose(rankings["ranked_scores"], full_ranking.gather(1, candidates), atol=1e-5)
+    assert not torch.allclose(rankings["ranked_scores"].argsort(1), rankings["ranked"].argsort(1))
 
 
 def test_a_title_the_llm_favours_is_ranked_first_summed_and_per_token(tiny, batch):
@@ -639,8 +653,9 @@ def test_end_to_end_through_run_recbole_llm(workdir, candidate_eval):
         assert 0 <= test_result["hr@1_x_valid_ratio"] <= test_result["valid_ratio"] <= 1
         assert 0 <= test_result["hr@1_candidates"] <= 1
         assert "test hr@1_candidates" in comparison_rows([result])[0]
-        for ranked in ("hr@1_ranked", "ndcg@5_ranked", "hr@1_ranked_sum", "ndcg@5_ranked_sum"):
-            assert 0 <= test_result[ranked] <= 1  # ranked by the titles' likelihood: never an invalid answer
+        for ranked in ("hr@1_ranked", "ndcg@5_ranked", "hr@1_ranked_sum", "ndcg@5_ranked_sum",
+                       "hr@1_ranked_scores", "ndcg@5_ranked_scores"):  # the titles' likelihood, the full ranking's
+            assert 0 <= test_result[ranked] <= 1  # scores: a ranking, never an invalid answer
         assert test_result["hr@1_ranked"] <= test_result["ndcg@5_ranked"]
         per_user = result["candidate_per_user"]  # each candidate user's outcome, for paired comparisons
         assert len(per_user["user_id"]) == RSLLM_SIZES["n_candidate_users"]
