@@ -17,7 +17,7 @@ END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "cpu-bf16", "cpu-picks", "cpu-long", "cpu-epoch", "gpu")
 BENCHMARKS = {"cpu": ("quality", "cost", "limits", "scale", "cold", "ablations"), "cpu-bf16": ("ablations", "limits"),
               "cpu-picks": ("ablations",),
-              "cpu-long": ("curves",), "cpu-epoch": ("curves",)}  # a profile's benchmarks: quality and cost unless said
+              "cpu-long": ("curves",), "cpu-epoch": ("curves", "ablations")}  # a profile's benchmarks: quality and cost unless said
 OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 
