@@ -1,8 +1,9 @@
 """Rewrite the benchmark results in README.md, between its two markers, from the pages in benchmarks/results/: the
 summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the cold-start,
 limits, scale and ablation pages of the cpu profile, of the ablation and limits pages of a CPU with bf16 units
-(cpu-bf16), of RSLLM's picks over seeds (the cpu-picks ablation page), of the learning curves of the cpu-long and cpu-epoch profiles, and of the GPU kit's short quality run
-(benchmarks/gpu/) once it has one.
+(cpu-bf16), of RSLLM's picks over seeds (the cpu-picks ablation page), of the learning curves of the cpu-long and
+cpu-epoch profiles, of Laser at cpu-epoch's samples over seeds (its ablation page), and of the GPU kit
+'s short quality run (benchmarks/gpu/) once it has one.
 
     python -m benchmarks.update_readme
 """
@@ -16,8 +17,8 @@ BEGIN = "<!-- benchmark results: written by `python -m benchmarks.update_readme`
 END = "<!-- end of benchmark results -->"
 PROFILES = ("cpu", "cpu-bf16", "cpu-picks", "cpu-long", "cpu-epoch", "gpu")
 BENCHMARKS = {"cpu": ("quality", "cost", "limits", "scale", "cold", "ablations"), "cpu-bf16": ("ablations", "limits"),
-              "cpu-picks": ("ablations",),
-              "cpu-long": ("curves",), "cpu-epoch": ("curves", "ablations")}  # a profile's benchmarks: quality and cost unless said
+              "cpu-picks": ("ablations",), "cpu-long": ("curves",),
+              "cpu-epoch": ("curves", "ablations")}  # a profile's benchmarks: quality and cost unless said
 OPTIONAL_PAGES = ("quality-gpu-short",)  # pages shown only once written: the GPU kit's (python -m benchmarks.gpu)
 
 
