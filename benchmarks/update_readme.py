@@ -2,8 +2,8 @@
 summary (stamp and tables) and the figure of the quality and cost pages of the cpu and gpu profiles, of the cold-start,
 limits, scale and ablation pages of the cpu profile, of the ablation and limits pages of a CPU with bf16 units
 (cpu-bf16), of RSLLM's picks over seeds (the cpu-picks ablation page), of the learning curves of the cpu-long and
-cpu-epoch profiles, of Laser at cpu-epoch's samples over seeds (its ablation page), and of the GPU kit
-'s short quality run (benchmarks/gpu/) once it has one.
+cpu-epoch profiles, of Laser at cpu-epoch's samples over seeds (its ablation page), and of the GPU
+kit's short quality run (benchmarks/gpu/) once it has one.
 
     python -m benchmarks.update_readme
 """
