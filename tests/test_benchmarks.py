@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from benchmarks import ablations, cold, cost, curves, limits, quality, rsllm_picks, scale
+from benchmarks import ablations, cold, cost, curves, kept_runs, limits, quality, rsllm_picks, scale
 from benchmarks.settings import PROFILES_DIR, labelled_runs, load_profile
 from benchmarks.update_readme import BEGIN, END, results_section, update_readme
 from conftest import RSLLM_SIZES, TESTS_DIR, TINY_DATASET, module_workdir, tiny_config
@@ -95,6 +95,24 @@ def test_quality_goes_on_from_the_runs_it_kept_and_waits_for_a_claimed_one(out, 
     kept.unlink()
     kept.with_suffix(".running").write_text(str(os.getpid()))  # another live process is making it
     assert quality.main(arguments) is None
+
+
+def test_a_claim_is_waited_for_only_while_its_process_runs_on_this_boot(tmp_path):
+    run = tmp_path / "Laser-2020.json"
+    claim = run.with_suffix(".running")
+    alive = os.getpid()
+    for text, waits in [
+        (f"{kept_runs.boot_id()} {alive}", True),  # another process of this machine makes it now
+        (str(alive), True),  # a claim from before claims named the boot
+        (f"another-boot {alive}", False),  # the machine restarted since: that process id is someone else's now
+        (f"{kept_runs.boot_id()} 999999999", False),  # its process ended without removing it
+    ]:
+        claim.write_text(text)
+        with kept_runs.claimed(run) as mine:
+            assert mine is not waits
+            if mine:  # taken over: the claim is this process's while the run is made, then gone
+                assert claim.read_text() == f"{kept_runs.boot_id()} {alive}"
+        assert claim.exists() is waits
 
 
 def test_curves_have_a_point_per_validation_of_each_llm_model(out):
