@@ -14,6 +14,7 @@ so far.
 
 import json
 import sys
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def main(argv=None):
                     if mine:
                         config_dict = {**profile.config, "candidate_eval": False, **settings, "seed": seed}
                         result = run_recbole_llm(model, profile.dataset, config_dict=config_dict)
-                        path.write_text(json.dumps(kept(result, model, label)))
+                        path.write_text(json.dumps(kept(result, model, label, stamp.revision)))
     write_ablation_page(profile, plan, runs_dir, out, stamp)
 
 
@@ -76,8 +77,9 @@ def run_label(model, label):
     return model if label == DEFAULT else f"{model} ({label})"
 
 
-def kept(result, model, label):
-    """What the page needs of one run: its scores and its test users' metrics, and those of the CF model it reads."""
+def kept(result, model, label, commit):
+    """What the page needs of one run: its scores and its test users' metrics, and those of the CF model it reads;
+    when it ended and the commit it ran (a page written later from kept runs says when they were made)."""
     return {
         "model": run_label(model, label), "base": model, "setting": label, "seed": result["seed"],
         "best_valid_score": result["best_valid_score"], "test_result": dict(result["test_result"]),
@@ -87,6 +89,7 @@ def kept(result, model, label):
                        for companion in result["companions"]],
         "train_time": result["train_time"], "comparison_settings": result["comparison_settings"],
         "environment": run_environment(), "autocast": result["autocast"],
+        "ended": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}", "commit": commit,
     }
 
 
@@ -189,7 +192,7 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
             f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
-            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}.")
+            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}. {when_made(runs)}")
     if "Δ test NDCG@10 vs its CF model" in columns:
         note += (" Its CF model: the frozen CF model each run reads (one per seed), tested on the same users; Δ, each "
                  "setting against the CF models its own runs read, Holm-corrected over the model's settings.")
@@ -236,6 +239,19 @@ def machines(runs):
     named = [(machine, ", ".join(f"{run['model']} seed {run['seed']}" for run in runs))
              for machine, runs in ordered[1:]]
     return "; ".join([ordered[0][0]] + [f"{machine} ({names})" for machine, names in named])
+
+
+def when_made(runs):
+    """When the runs ended (UTC) and at which commits; runs kept before these were recorded are counted."""
+    dated = [run for run in runs if run.get("ended")]
+    undated = len(runs) - len(dated)
+    if not dated:
+        return f"The {undated} runs' dates were not recorded."
+    ended = sorted(run["ended"] for run in dated)
+    commits = ", ".join(dict.fromkeys(run["commit"] or "an unknown commit" for run in dated))
+    span = ended[0] if ended[0] == ended[-1] else f"between {ended[0]} and {ended[-1]}"
+    text = f"Runs ended {span} UTC, at {commits}"
+    return text + (f"; {undated} kept before dates were recorded." if undated else ".")
 
 
 def mean_std(values):

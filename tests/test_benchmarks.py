@@ -6,6 +6,7 @@ import csv
 import os
 import re
 import shutil
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -273,6 +274,9 @@ def test_ablations_compare_each_setting_with_the_default_and_pop_over_the_seeds(
     assert "on the same 16 test users and candidates in every run" in page
     assert "| Laser | deep_prefix: False | 2020,2021 |" in page and "Holm" in page and "**Machine**" in page
     assert "- **Seeds** 2020, 2021, dataset ml-100k-tiny" in page  # the stamp names every seed the runs used
+    # a page written later from kept runs says when they were made, not only when it was written
+    ended = re.search(r"Runs ended (between \S+ \S+ and )?(\d{4}-\d\d-\d\d \d\d:\d\d) UTC, at (\w+)", page)
+    assert ended and ended[2] <= f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}" and ended[3] != "an"
 
 
 def test_ablations_go_on_from_the_runs_they_kept(ablation_arguments, monkeypatch):
