@@ -136,6 +136,9 @@ def test_sasrec_states_match_recboles_forward(tiny, sasrec):
 
     assert torch.equal(last, reference(item_seq, item_len))
     assert torch.allclose(last @ sasrec.item_embeddings.T, reference.full_sort_predict(batch), atol=1e-6)
+    items = torch.randint(1, dataset.item_num, (len(item_seq), 5))  # any items of each row, as its ranking scores them
+    assert torch.allclose(sasrec.item_scores(item_seq, item_len, items),
+                          reference.full_sort_predict(batch).gather(1, items), atol=1e-6)
     assert states.shape == (len(item_seq), 20, 32) and torch.equal(valid, item_seq > 0)
     assert torch.equal(states[torch.arange(len(item_seq)), item_len - 1], last)
     assert not states[~valid].any()
@@ -160,6 +163,8 @@ def test_bert4rec_states_end_at_the_mask_token_after_the_last_item(tiny, bert4re
     assert torch.equal(last, reference.gather_indexes(reference(masked_seq), mask_position))
     scores = last @ bert4rec.item_embeddings.T + reference.output_bias
     assert torch.allclose(scores[full], reference.full_sort_predict(batch)[full], atol=1e-5)  # RecBole's, when full
+    items = torch.randint(1, dataset.item_num, (len(item_seq), 5))
+    assert torch.allclose(bert4rec.item_scores(item_seq, item_len, items), scores.gather(1, items), atol=1e-5)
     assert bert4rec.item_embeddings.shape == (dataset.item_num, 32)  # the mask token's row left out
     assert states.shape == (len(item_seq), 20, 32)
     assert torch.equal(valid.sum(dim=1), torch.where(full, item_len, item_len + 1))  # the items and the mask token

@@ -325,6 +325,8 @@ def test_no_candidates_in_training_prompts_with_a_share_of_0(tiny, batch):
         ({"rank_candidates": 99}, "rank_candidates is 99"),
         ({"rank_candidates": 3, "candidate_train_share": 0.0}, "set candidate_train_share > 0"),
         ({"gamma": -1}, "gamma is -1"),
+        ({"rank_target": "popularity"}, "rank_target is 'popularity': use next_item"),
+        ({"rank_per_token": "yes"}, "rank_per_token"),
         ({"slot_gate_lr": 0}, "slot_gate_lr is 0"),
         ({"slot_gate_init": "open"}, "slot_gate_init is 'open'"),
         ({"center_states": "yes"}, "center_states"),
@@ -426,6 +428,46 @@ def test_rank_loss_is_the_next_items_cross_entropy_over_listed_rows_only():
     assert rank_loss(log_likelihoods, listed).item() == pytest.approx(expected.item())
     assert rank_loss(log_likelihoods, torch.zeros(3, dtype=torch.bool)).item() == 0
     assert rank_loss(log_likelihoods[:, :1], listed).item() == 0  # only the next item: nothing to rank
+
+
+def test_rank_loss_against_a_distribution_is_its_cross_entropy_over_listed_rows_only():
+    log_likelihoods = torch.tensor([[-1.0, -2.0, -3.0], [-5.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    listed = torch.tensor([True, False, True])
+    targets = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    log_softmax = log_likelihoods.log_softmax(-1)
+    expected = -(targets[listed] * log_softmax[listed]).sum(-1).mean()
+    assert rank_loss(log_likelihoods, listed, targets).item() == pytest.approx(expected.item())
+    one_hot = torch.zeros(3, 3).index_fill_(1, torch.tensor([0]), 1.0)  # all on the next item: the default's loss
+    assert rank_loss(log_likelihoods, listed, one_hot).item() == pytest.approx(rank_loss(log_likelihoods, listed).item())
+
+
+@pytest.mark.parametrize("rank_target, rank_per_token", [("next_item", True), ("cf_model", False), ("cf_model", True)])
+def test_rank_loss_scores_answers_per_token_and_learns_the_cf_models_softmax(tiny, batch, rank_target, rank_per_token):
+    """L_rank in training equals the cross-entropy of the answers' log-likelihoods (divided by each answer's tokens,
+    the title's and the end token, with rank_per_token) against the next item or the frozen CF model's softmax over
+    the same answers, as RecBole's SASRec scores them after the history."""
+    model = tiny.build(rank_candidates=4, rank_target=rank_target, rank_per_token=rank_per_token)
+    model.begin_stage(UNIFIED)
+    model.eval()  # no LoRA dropout: the loss and the expectation compute the same function
+    item_seq, item_len, next_items = (batch[key] for key in (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.POS_ITEM_ID))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        L_rank = model.calculate_loss(batch)[-1]
+        torch.manual_seed(0)  # the same candidates drawn again
+        prompt, user_positions, answers, listed = model.training_prompt(item_seq, item_len, next_items)
+        _, _, log_likelihoods = model.answered(prompt, answers, user_positions)
+    tokens = torch.tensor([[len(model.tokenizer(" " + model.item_names[item], add_special_tokens=False).input_ids) + 1
+                            for item in row] for row in answers.tolist()])
+    assert torch.equal(tokens, model.item_text_lengths[answers] + 1)  # the titles as tokenized, and the end token
+    scores = log_likelihoods / tokens if rank_per_token else log_likelihoods
+    if rank_target == "cf_model":
+        cf_scores = model.cf_encoder.recommender.full_sort_predict(batch).gather(1, answers)  # RecBole's SASRec
+        targets = cf_scores.softmax(-1)
+        assert not torch.allclose(targets[:, 0], torch.ones(len(targets)))  # the other answers get a share too
+    else:
+        targets = torch.zeros_like(scores).index_fill_(1, torch.tensor([0]), 1.0)
+    expected = -(targets * scores.log_softmax(-1)).sum(-1).mean()
+    assert L_rank.item() == pytest.approx(model.gamma * expected.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])

@@ -90,6 +90,15 @@ class CollaborativeEncoder(nn.Module):
             states, valid = encoder_outputs[0], item_seq > 0
         return states.masked_fill(~valid.unsqueeze(-1), 0.0), valid, last
 
+    @torch.no_grad()
+    def item_scores(self, item_seq, item_len, items):
+        """The CF model's scores [B, K] of items [B, K] after each history [B, L], as its full ranking scores them
+        (BERT4Rec's output bias included)."""
+        _, _, user = self.encode(item_seq, item_len)
+        scores = (self.item_embeddings[items] @ user.unsqueeze(-1)).squeeze(-1)
+        bias = getattr(self.recommender, "output_bias", None)
+        return scores if bias is None else scores + bias[items]
+
     def with_mask_token(self, item_seq, item_len):
         """BERT4Rec's input for predicting the next item: the mask token right after the last item [B, L], and its
         position [B]. Only a full history loses its oldest item to make room; RecBole's reconstruct_test_data

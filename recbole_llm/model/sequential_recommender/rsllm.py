@@ -5,10 +5,10 @@ each item's title (the unified prompt), so the user's behaviour reads as a langu
 with LoRA on a language-modeling loss (write the next item's title) plus two InfoNCE losses: user state vs. next
 item, and projected ID vs. title. As LLaRA trains, a training prompt lists candidates (the next item among others)
 after the history, and the LM loss teaches the LLM to answer with the next item's title; beyond the paper, L_rank
-(rank_candidates) ranks the next item's title above listed ones by their likelihood as the answer. Stage 1 trains on
-text-only prompts, stage 2 on unified prompts. The model ranks all items with its user state against an item tower
-(RecBole's full ranking), and picks one of 20 candidates by writing its title (LLaRA's protocol,
-recbole_llm.candidate_evaluation).
+(rank_candidates) ranks the next item's title above listed ones by their likelihood as the answer, or teaches the CF
+model's ranking of them (rank_target). Stage 1 trains on text-only prompts, stage 2 on unified prompts. The model
+ranks all items with its user state against an item tower (RecBole's full ranking), and picks one of 20 candidates by
+writing its title (LLaRA's protocol, recbole_llm.candidate_evaluation).
 """
 
 import copy
@@ -48,6 +48,7 @@ class RSLLM(LLMSequentialRecommender):
         listing_head, listing_tail = template_parts(config, "candidate_template", "candidates")
         self.alpha, self.beta, self.tau = config["alpha"], config["beta"], config["tau"]
         self.rank_candidates, self.gamma = config["rank_candidates"], config["gamma"]
+        self.rank_target, self.rank_per_token = config["rank_target"], config["rank_per_token"]
         self.n_candidates, self.candidate_share = config["n_candidates"], config["candidate_train_share"]
         self.slot_gate_lr, self.center_states = config["slot_gate_lr"], config["center_states"]
         self.length_groups = config["length_groups"]
@@ -124,6 +125,9 @@ class RSLLM(LLMSequentialRecommender):
                 f"it must be 0 (no L_rank) or an integer in [2, n_candidates = {config['n_candidates']}]")
         require(config, "rank_candidates", ranked == 0 or share > 0,
                 "L_rank ranks the candidates a training prompt lists: set candidate_train_share > 0, or 0 here")
+        require(config, "rank_target", config["rank_target"] in ("next_item", "cf_model"),
+                "use next_item (the next item's cross-entropy) or cf_model (the CF model's softmax over the answers)")
+        require(config, "rank_per_token", isinstance(config["rank_per_token"], bool), "it must be True or False")
         template_parts(config, "prompt_template", "history")
         template_parts(config, "item_prompt_template", "item")
         template_parts(config, "candidate_template", "candidates")
@@ -233,7 +237,8 @@ class RSLLM(LLMSequentialRecommender):
         next_items = interaction[self.POS_ITEM_ID]  # [B]
         prompt, user_positions, answers, listed = self.training_prompt(item_seq, item_len, next_items)
         lm_loss, user_prompt_states, answer_log_likelihoods = self.answered(prompt, answers, user_positions)
-        ranking = (self.gamma * rank_loss(answer_log_likelihoods, listed),) if self.rank_candidates else ()
+        ranking = (self.gamma * self.ranking_loss(item_seq, item_len, answers, answer_log_likelihoods, listed),) \
+            if self.rank_candidates else ()
         user_states = self.state_head(user_prompt_states)
         # the keys are the batch's next items: never a cold item (its training rows are gone), and the candidate lists
         # of training prompts leave them out, so no loss of RSLLM has a cold item among its candidates
@@ -252,6 +257,18 @@ class RSLLM(LLMSequentialRecommender):
         title_states = self.title_head(self.item_states(items, TEXT_ONLY))  # [U, d_llm]
         id_text_loss = info_nce(projected_ids, title_states, torch.arange(len(items), device=items.device), self.tau)
         return lm_loss, self.alpha * user_item_loss, self.beta * id_text_loss, *ranking
+
+    def ranking_loss(self, item_seq, item_len, answers, answer_log_likelihoods, listed):
+        """L_rank over the K answers [B, K] of the listed rows: each answer scored by its log-likelihood, summed or
+        per token (rank_per_token: the sum favours short titles), against the next item (rank_target: next_item) or
+        the frozen CF model's softmax over the same answers (cf_model: every answer gets the CF model's judgement)."""
+        scores = answer_log_likelihoods
+        if self.rank_per_token:
+            scores = scores / (self.item_text_lengths[answers] + 1)  # the title's tokens and the end token
+        targets = None
+        if self.rank_target == "cf_model":
+            targets = self.cf_encoder.item_scores(item_seq, item_len, answers).float().softmax(-1)
+        return rank_loss(scores, listed, targets)
 
     def training_prompt(self, item_seq, item_len, next_items):
         """Each history's user prompt, followed for a share (candidate_train_share) of them by a list of
@@ -470,13 +487,16 @@ class RSLLM(LLMSequentialRecommender):
         return torch.stack(sums, dim=1), in_answer.sum(-1)
 
 
-def rank_loss(answer_log_likelihoods, listed):
-    """L_rank: the cross-entropy of the next item (column 0) among the answers' log-likelihoods [B, K], over the rows
-    whose prompt listed candidates (listed [B]); 0 where none did."""
-    if answer_log_likelihoods.shape[1] < 2 or not listed.any():
-        return answer_log_likelihoods.new_zeros(())
-    listed_rows = answer_log_likelihoods[listed]
-    return F.cross_entropy(listed_rows, torch.zeros(len(listed_rows), dtype=torch.long, device=listed_rows.device))
+def rank_loss(answer_scores, listed, targets=None):
+    """L_rank: the cross-entropy of the answers' scores [B, K] against the next item (column 0), or against targets
+    [B, K] (a distribution over each row's answers), over the rows whose prompt listed candidates (listed [B]); 0
+    where none did."""
+    if answer_scores.shape[1] < 2 or not listed.any():
+        return answer_scores.new_zeros(())
+    listed_rows = answer_scores[listed]
+    if targets is None:  # the next item
+        return F.cross_entropy(listed_rows, listed_rows.new_zeros(len(listed_rows), dtype=torch.long))
+    return F.cross_entropy(listed_rows, targets[listed])
 
 
 def info_nce(queries, keys, positives, tau):
