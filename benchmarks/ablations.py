@@ -192,7 +192,8 @@ def write_ablation_page(profile, plan, runs_dir, out, stamp):
             f"{1 - alpha:.0%} interval from a paired bootstrap over users ({settings['bootstrap_resamples']} "
             f"resamples); * where the paired {settings['significance_test']} test is significant at {alpha} after "
             f"Holm's correction over the model's settings that ran every seed (a setting with fewer seeds, its runs "
-            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}. {when_made(runs)}")
+            f"still to come, is compared alone over the seeds it ran: a hypothesis). Runs on: {machines(runs)}. "
+            f"{when_made(runs)}")
     if "Δ test NDCG@10 vs its CF model" in columns:
         note += (" Its CF model: the frozen CF model each run reads (one per seed), tested on the same users; Δ, each "
                  "setting against the CF models its own runs read, Holm-corrected over the model's settings.")
