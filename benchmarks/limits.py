@@ -10,7 +10,8 @@ profile's Laser and RSLLM (its `quality` settings), the passes that cost a run i
   item_batch_size batches as compute_item_matrix runs them; on a CPU with bf16 matrix units, again through the
   copy of the LLM held in bf16 (no_grad_bf16);
 - a Laser training step and an RSLLM training step (its unified stage): loss and backward of one training batch;
-- RSLLM's generation: greedy answers to the candidate prompts of `users` users.
+- RSLLM's reading of candidates: the candidate prompts of `users` users, their greedy answers and each listed
+  title's likelihood as the answer, as the candidate protocol asks them.
 
 Each pass runs in the LLM's weight dtype and, where a run would (cpu_bf16 on a CPU with bf16 matrix units), again
 under bf16 autocast, its share then taken of the bf16 matmul rate.
@@ -68,7 +69,7 @@ def main(argv=None):
     rsllm, rsllm_data, rsllm_config = built("RSLLM", profile)
     rsllm.set_stage("unified")
     rsllm_passes = {"training step (RSLLM, unified)": training_step(rsllm, rsllm_data),
-                    "generation (RSLLM)": generation(rsllm, rsllm_data, settings["users"])}
+                    "candidate reading (RSLLM)": candidate_reading(rsllm, rsllm_data, settings["users"])}
     rows += passes_as_run(rsllm_passes, rsllm, rsllm_config, steps)
     for row in rows:
         row["matmul GFLOP/s"] = rate[row["dtype"].split()[0]]
@@ -162,8 +163,9 @@ def training_step(model, batch):
     return run
 
 
-def generation(model, batch, n_users):
-    """RSLLM's greedy answers to n_users users' candidate prompts, as the candidate protocol asks them."""
+def candidate_reading(model, batch, n_users):
+    """RSLLM's reading of n_users users' candidate prompts (answers, titles' likelihoods), as the candidate protocol
+    asks it."""
     item_seq, item_len = batch[model.ITEM_SEQ][:n_users], batch[model.ITEM_SEQ_LEN][:n_users]
     generator = torch.Generator(device=item_seq.device).manual_seed(0)
     candidates, _ = sample_candidates(item_seq, batch[model.POS_ITEM_ID][:n_users], model.n_items,
@@ -172,7 +174,7 @@ def generation(model, batch, n_users):
     @torch.no_grad()
     def run():
         model.eval()
-        model.answer_candidates(item_seq, item_len, candidates)
+        model.read_candidates(item_seq, item_len, candidates)
 
     return run
 

@@ -126,24 +126,19 @@ class recorded_picks:
     """Which listed position each answer names (-1: none or several) and each title ranked most likely picks."""
 
     def __enter__(self):
-        self.named, self.ranked = [], []
-        self.picked, self.rankings = candidate_evaluation.picked_candidates, candidate_evaluation.candidate_rankings
+        self.named, self.ranked, self.judged = [], [], candidate_evaluation.judged_candidates
 
-        def picked(model, interaction, candidates, rankings):
-            named, answers = self.picked(model, interaction, candidates, rankings)
+        def judged(model, interaction, candidates):
+            rankings, named, answers = self.judged(model, interaction, candidates)
             self.named.append(torch.where(named.sum(1) == 1, named.int().argmax(1), -1))
-            return named, answers
-
-        def ranked(model, interaction, candidates):
-            rankings = self.rankings(model, interaction, candidates)
             self.ranked.append(rankings[candidate_evaluation.RANKED].argmax(1))
-            return rankings
+            return rankings, named, answers
 
-        candidate_evaluation.picked_candidates, candidate_evaluation.candidate_rankings = picked, ranked
+        candidate_evaluation.judged_candidates = judged
         return self
 
     def __exit__(self, *exc):
-        candidate_evaluation.picked_candidates, candidate_evaluation.candidate_rankings = self.picked, self.rankings
+        candidate_evaluation.judged_candidates = self.judged
 
 
 def pick_positions(picks, n_candidates):

@@ -1,6 +1,6 @@
 """LLaRA's candidate protocol, an evaluation beside RecBole's full ranking, for every model on the same candidates:
 each test user's next item is picked from a list of candidates. A model that writes answers (RSLLM's
-``answer_candidates``) picks by writing a title; any other model picks its highest-scored candidate
+``read_candidates``) picks by writing a title; any other model picks its highest-scored candidate
 (``full_sort_predict``), so its every answer is valid. A general model such as Pop, whose batches hold no histories,
 answers the sequential models' candidates: ``sequential_test_data`` gives it the test split as they read it.
 
@@ -25,18 +25,18 @@ from recbole_llm.cold_items import data_preparation
 from recbole_llm.distributed import evaluated_samples, gather_in_sample_order, is_distributed, process_share
 from recbole_llm.model.candidates import sample_candidates
 
-RANKED = "ranked"  # the candidates as a model ranks them (candidate_rankings)
+RANKED = "ranked"  # the candidates as a model ranks them (judged_candidates)
 
 
 def answers_candidates(model):
-    """Whether a model writes its answers (``answer_candidates``); the others pick by their scores."""
-    return hasattr(model, "answer_candidates")
+    """Whether a model writes its answers (``read_candidates``); the others pick by their scores."""
+    return hasattr(model, "read_candidates")
 
 
 def evaluate_candidates(model, eval_data, config):
     """HR@1, ValidRatio and their product for n_candidate_users users of eval_data drawn with candidate_seed (all of
     them when None), each with n_candidates candidates drawn with it (the same for every model and seed); and HR@1
-    and NDCG@5 of the candidates as the model ranks them (candidate_rankings), an answer that is never invalid.
+    and NDCG@5 of the candidates as the model ranks them (judged_candidates), an answer that is never invalid.
     Returns the metrics and each user's outcomes ({"user_id": RecBole's ids, metric: [n_users]}, the users in the
     drawn order: the same for every model), for paired comparisons."""
     interactions = cat_interactions([interaction for interaction, *_ in eval_data])
@@ -57,8 +57,8 @@ def evaluate_candidates(model, eval_data, config):
     named, answers, rankings, answered = [], [], [], process_share(len(users), config)  # each process: its share
     for rows in answered.split(config["eval_batch_size"]):
         batch = interactions[rows].to(model.device)
-        rankings.append(candidate_rankings(model, batch, candidates[rows]))
-        batch_named, batch_answers = picked_candidates(model, batch, candidates[rows], rankings[-1])
+        batch_rankings, batch_named, batch_answers = judged_candidates(model, batch, candidates[rows])
+        rankings.append(batch_rankings)
         named.append(batch_named)
         answers += batch_answers
     named = torch.cat(named)
@@ -90,17 +90,22 @@ def sequential_test_data(config):
 
 
 @torch.no_grad()
-def picked_candidates(model, interaction, candidates, rankings):
-    """Which candidate [B, C] (on the CPU) the model picks for each user of interaction, and its answers (strings;
-    none for a model that picks its best-ranked candidate, by candidate_rankings' scores)."""
-    if answers_candidates(model):
-        answers = model.answer_candidates(
-            interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
-        )
-        candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
-        return named_candidates(answers, candidate_names), answers
-    best = rankings[RANKED].argmax(1)  # [B]
-    return F.one_hot(best, candidates.shape[1]).bool(), []
+def judged_candidates(model, interaction, candidates):
+    """How the model ranks each user's candidates [B, C] (on the CPU, by name), which candidate it picks [B, C] and its
+    answers (strings). A model that scores items ranks them "ranked" by its scores and picks its best-ranked (no
+    answers). A model that writes answers picks the candidate its answer names, and ranks them "ranked" by the
+    log-likelihood per token of each title as its answer ("ranked_sum": in all; "ranked_scores": by its full
+    ranking's scores: does its user state know what its answer does not?)."""
+    if not answers_candidates(model):
+        rankings = {RANKED: candidate_scores(model, interaction, candidates)}
+        return rankings, F.one_hot(rankings[RANKED].argmax(1), candidates.shape[1]).bool(), []
+    reading = model.read_candidates(
+        interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
+    )
+    rankings = {RANKED: (reading.log_likelihoods / reading.lengths).cpu(),
+                f"{RANKED}_sum": reading.log_likelihoods.cpu(), f"{RANKED}_scores": reading.scores.cpu()}
+    candidate_names = [[model.item_names[item] for item in row] for row in candidates.tolist()]
+    return rankings, named_candidates(reading.answers, candidate_names), reading.answers
 
 
 def named_candidates(answers, candidate_names):
@@ -114,21 +119,6 @@ def named_candidates(answers, candidate_names):
         longest = max(range(len(names)), key=lengths.__getitem__)
         named[row, longest] = lengths[longest] > 0
     return named
-
-
-@torch.no_grad()
-def candidate_rankings(model, interaction, candidates):
-    """How the model ranks each user's candidates [B, C] (on the CPU), by name: "ranked" by the scores of a model
-    that scores items, or, for a model that writes answers, by the log-likelihood per token of each candidate's title
-    as its answer (and "ranked_sum", the log-likelihood in all; "ranked_scores", its full ranking's scores: does
-    its user state know what its answer does not?)."""
-    if answers_candidates(model):
-        sums, lengths = model.candidate_log_likelihoods(
-            interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN], candidates.to(model.device)
-        )
-        return {RANKED: (sums / lengths).cpu(), f"{RANKED}_sum": sums.cpu(),
-                f"{RANKED}_scores": candidate_scores(model, interaction, candidates)}
-    return {RANKED: candidate_scores(model, interaction, candidates)}
 
 
 def candidate_scores(model, interaction, candidates):

@@ -158,7 +158,7 @@ def test_limits_set_each_llm_pass_against_the_matmul_rate_of_its_dtype(out):
     assert {("all", "float32"), ("all", "bfloat16")} <= set(matmuls) and all(rate > 0 for rate in matmuls.values())
     passes = {row["pass"]: row for row in rows if row["kind"] == "pass"}
     autocast = [f"{name}, bf16 autocast" for name in ("item matrix (Laser)", "training step (Laser)")]
-    rsllm = ["training step (RSLLM, unified)", "generation (RSLLM)"]
+    rsllm = ["training step (RSLLM, unified)", "candidate reading (RSLLM)"]
     # with cpu_bf16 (and bf16 units, faked by the fixture): each pass again as such a run computes it
     assert list(passes) == ["item matrix (Laser)", "training step (Laser)", *autocast,
                             "item matrix (Laser, no_grad_bf16)", *rsllm, *(f"{name}, bf16 autocast" for name in rsllm)]

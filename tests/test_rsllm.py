@@ -14,7 +14,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import RSLLM_SIZES, TINY_DATASET, assert_users_in_chunks_score_as_one_pass, tiny_config
-from recbole_llm.candidate_evaluation import candidate_metrics, candidate_rankings, named_candidates, ranking_metrics
+from recbole_llm.candidate_evaluation import candidate_metrics, judged_candidates, named_candidates, ranking_metrics
 from recbole_llm.model.candidates import sample_candidates
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.comparison import comparison_rows
@@ -130,16 +130,45 @@ def test_candidate_likelihoods_in_one_batched_pass_equal_a_full_forward_per_cand
     rsllm.set_stage(stage)
     rsllm.eval()
     item_seq, item_len = batch[rsllm.ITEM_SEQ][:2], batch[rsllm.ITEM_SEQ_LEN][:2]
-    candidates, _ = sample_candidates(item_seq, batch[rsllm.POS_ITEM_ID][:2], rsllm.n_items, 3,
+    candidates, _ = sample_candidates(item_seq, batch[rsllm.POS_ITEM_ID][:2], rsllm.n_items, 6,
                                       torch.Generator().manual_seed(0))
-    sums, lengths = rsllm.candidate_log_likelihoods(item_seq, item_len, candidates)
-    assert sums.shape == lengths.shape == (2, 3) and torch.all(sums < 0)
+    reading = rsllm.read_candidates(item_seq, item_len, candidates)
+    sums, lengths = reading.log_likelihoods, reading.lengths
+    assert sums.shape == lengths.shape == (2, 6) and torch.all(sums < 0)
+    # the passes go shortest first per user, each cut to its longest: the lists' answers are not in that order
+    assert not torch.equal(lengths.argsort(dim=1, stable=True), torch.arange(6).expand(2, 6))
     for user in range(2):
-        for column in range(3):
+        for column in range(6):
             expected, tokens = answer_log_likelihood(rsllm, item_seq[user:user + 1], item_len[user:user + 1],
                                                      candidates[user:user + 1], candidates[user, column])
             assert float(sums[user, column]) == pytest.approx(float(expected), abs=1e-3)
             assert int(lengths[user, column]) == tokens == int(rsllm.item_text_lengths[candidates[user, column]]) + 1
+
+
+@pytest.mark.parametrize("stage", [TEXT_ONLY, UNIFIED])
+def test_answers_generated_on_from_the_shared_pass_equal_a_generation_from_the_prompt(tiny, batch, stage):
+    model = tiny.build()
+    model.set_stage(stage)
+    model.eval()
+    # the tiny LLM's own head writes one token to every prompt; a random head of scale 1 (on this model's copy) makes
+    # each answer depend on its prompt, so an answer that read the wrong keys and values would differ
+    base = model.llm.get_base_model()
+    head = nn.Linear(base.config.hidden_size, base.config.vocab_size, bias=False)
+    nn.init.normal_(head.weight, generator=torch.Generator().manual_seed(0))
+    base.set_output_embeddings(head)
+    item_seq, item_len = batch[model.ITEM_SEQ][:4], batch[model.ITEM_SEQ_LEN][:4]
+    candidates, _ = sample_candidates(item_seq, batch[model.POS_ITEM_ID][:4], model.n_items, 5,
+                                      torch.Generator().manual_seed(1))
+    answers = model.read_candidates(item_seq, item_len, candidates).answers
+    with torch.no_grad():
+        prompt = joined(model.user_prompt(item_seq, item_len), model.candidate_list(candidates))
+        from_prompt = model.llm.generate(
+            inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+            max_new_tokens=model.max_answer_tokens, do_sample=False,
+            eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id,
+        )
+    expected = model.tokenizer.batch_decode(from_prompt, skip_special_tokens=True)
+    assert answers == expected and len(set(expected)) == 4  # each user's answer is its own
 
 
 def test_candidates_are_also_ranked_by_the_user_state_against_the_item_tower(rsllm, batch):
@@ -148,7 +177,7 @@ def test_candidates_are_also_ranked_by_the_user_state_against_the_item_tower(rsl
     users = batch[torch.arange(3)]
     candidates, _ = sample_candidates(users[rsllm.ITEM_SEQ], users[rsllm.POS_ITEM_ID], rsllm.n_items, 4,
                                       torch.Generator().manual_seed(0))
-    rankings = candidate_rankings(rsllm, users, candidates)
+    rankings, named, answers = judged_candidates(rsllm, users, candidates)
     assert set(rankings) == {"ranked", "ranked_sum", "ranked_scores"}  # per token, in all, by the full ranking
     with torch.no_grad():
         full_ranking = rsllm.full_sort_predict(users).view(3, -1)  # [3, n_items]
@@ -176,7 +205,8 @@ def test_a_title_the_llm_favours_is_ranked_first_summed_and_per_token(tiny, batc
     head.bias.data.zero_()
     head.bias.data[sorted(favoured_tokens | {model.tokenizer.eos_token_id})] = 20.0
     base.set_output_embeddings(head)
-    sums, lengths = model.candidate_log_likelihoods(item_seq, item_len, candidates)
+    reading = model.read_candidates(item_seq, item_len, candidates)
+    sums, lengths = reading.log_likelihoods, reading.lengths
     assert int(sums.argmax()) == int((sums / lengths).argmax()) == 2
     per_user = ranking_metrics(sums / lengths, torch.tensor([2]), "ranked")
     assert per_user["hr@1_ranked"].tolist() == per_user["ndcg@5_ranked"].tolist() == [1.0]
@@ -674,7 +704,7 @@ def test_llm_layers_runs_the_first_layers_and_leaves_the_shared_llm_whole(tiny, 
     assert all(torch.isfinite(loss) for loss in losses)
     item_seq, item_len = batch[shallow.ITEM_SEQ][:2], batch[shallow.ITEM_SEQ_LEN][:2]
     candidates = torch.arange(1, 11).reshape(2, 5)
-    assert len(shallow.answer_candidates(item_seq, item_len, candidates)) == 2  # generation runs on the cut model
+    assert len(shallow.read_candidates(item_seq, item_len, candidates).answers) == 2  # generation runs on the cut model
     with pytest.raises(RecBoleLLMError, match="llm_layers is 3: tiny-llama has 2 layers"):
         tiny.build(llm_layers=3)
 

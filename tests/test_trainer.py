@@ -178,14 +178,14 @@ def test_a_recbole_model_trains_capped_epochs_of_different_batches(workdir, monk
 
 def test_pop_picks_its_most_popular_candidate_among_the_sequential_models_candidates(workdir, monkeypatch):
     picks = {}  # model class -> (model, candidates [B, C], which one it picked [B, C])
-    pick = candidate_evaluation.picked_candidates
+    judge = candidate_evaluation.judged_candidates
 
-    def recorded(model, interaction, candidates, rankings):
-        named, answers = pick(model, interaction, candidates, rankings)
+    def recorded(model, interaction, candidates):
+        rankings, named, answers = judge(model, interaction, candidates)
         picks[type(model).__name__] = model, candidates, named
-        return named, answers
+        return rankings, named, answers
 
-    monkeypatch.setattr(candidate_evaluation, "picked_candidates", recorded)
+    monkeypatch.setattr(candidate_evaluation, "judged_candidates", recorded)
     runs = {
         name: run_recbole_llm(model=name, dataset=TINY_DATASET, config_dict=tiny_config(
             workdir, candidate_eval=True, n_candidates=5
