@@ -522,6 +522,7 @@ class CandidateReading:
     lengths: torch.Tensor  # [B, C] their tokens
     scores: torch.Tensor  # [B, C] the full ranking's scores (user state . item tower / tau)
 
+
 def rank_loss(answer_scores, listed, targets=None):
     """L_rank: the cross-entropy of the answers' scores [B, K] against the next item (column 0), or against targets
     [B, K] (a distribution over each row's answers), over the rows whose prompt listed candidates (listed [B]); 0
