@@ -3,6 +3,7 @@ and shuffled, and where in the list its picks sit.
 
     python -m benchmarks.rsllm_picks --checkpoint=saved/RSLLM-<time>.pth [--users=300] [--out=benchmarks/results]
     python -m benchmarks.rsllm_picks --profile=cpu [--users=300]     # trains RSLLM with the profile's settings first
+    python -m benchmarks.rsllm_picks --profile=cpu-long --variants=trained   # the slots as trained only, all users
 
 The checkpoint (or the run it trains) is loaded with load_data_and_model; its test users (`users` of them, drawn with
 the seed, or all) get LLaRA's candidate protocol (n_candidates items, the target among them, seeded) four times:
@@ -11,17 +12,18 @@ the seed, or all) get LLaRA's candidate protocol (n_candidates items, the target
 - ID slots zeroed: every projected ID in the prompts (history and candidates) set to 0, so the LLM reads titles alone;
 - ID slots shuffled: each item's slot holds another item's projected ID (a fixed random permutation of the items).
 
-A model that ignores its slots picks alike in all three. Beside them, on the same users and candidates, two ID
-pickers that take their best-scored candidate: the items' popularity (their count among the training split's next
-items) and the CF model whose item embeddings fill RSLLM's ID slots.
+A model that ignores its slots picks alike in all three; `--variants` (e.g. trained, or trained,zeroed) reads some
+of them only: each is a full candidate reading, about 17 minutes for 943 users on 2 CPU cores. Beside them, on the
+same users and candidates, two ID pickers that take their best-scored candidate: the items' popularity (their count
+among the training split's next items) and the CF model whose item embeddings fill RSLLM's ID slots.
 
 For each: LLaRA's HR@1, ValidRatio and HR@1 x ValidRatio (greedy answers), HR@1 of the title ranked most likely
 (per token) and of the candidate its full ranking scores highest (the user state against the item tower), and where
 the picks sit in the listed order: the share of answers naming the first and the last listed candidate
 (1/n_candidates each for a model that reads the user; the targets are placed uniformly), and the largest share any
 one position gets. Paired intervals of each row's hits against the trained model's, over the same users. Writes
-rsllm-picks-<dataset>.md and .csv (with --users: rsllm-picks-<dataset>-<users>-users-seed-<seed>, a page per trained
-model).
+rsllm-picks-<dataset>.md and .csv (-<profile> after <dataset> where it trained the model with a profile other than
+cpu; with --users: -<users>-users-seed-<seed> after it, a page per trained model).
 """
 
 import sys
@@ -34,20 +36,23 @@ import recbole_llm.candidate_evaluation as candidate_evaluation
 from benchmarks.report import run_script, write_page
 from benchmarks.settings import benchmark_settings, split_arguments
 from recbole_llm.comparison import markdown_table, write_csv
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
 from recbole_llm.statistics import paired_difference, with_holm
 from recbole_llm.trainer import autocast_dtype
 
-VARIANTS = ("as trained", "ID slots zeroed", "ID slots shuffled")
+VARIANT_NAMES = {"trained": "as trained", "zeroed": "ID slots zeroed", "shuffled": "ID slots shuffled"}
+VARIANTS = tuple(VARIANT_NAMES.values())
 POPULARITY, CF_MODEL = "popularity (training counts)", "CF model (its ID slots)"
 HITS = ("hr@1_x_valid_ratio", "hr@1_ranked")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    own, _ = split_arguments(argv, own_keys=("profile", "out", "checkpoint", "users"))
+    own, _ = split_arguments(argv, own_keys=("profile", "out", "checkpoint", "users", "variants"))
+    variants = chosen_variants(own.get("variants"))
     profile, out, stamp = benchmark_settings(
-        "rsllm_picks", [a for a in argv if not a.startswith(("--checkpoint=", "--users="))]
+        "rsllm_picks", [a for a in argv if not a.startswith(("--checkpoint=", "--users=", "--variants="))]
     )
     checkpoint = own.get("checkpoint") or run_recbole_llm(
         "RSLLM", profile.dataset, config_dict=profile.run_config(profile.quality.get("RSLLM", {}))
@@ -55,7 +60,7 @@ def main(argv=None):
     config, model, dataset, train_data, _, test_data = load_data_and_model(checkpoint)
     stamp.seeds = [config["seed"]]  # the one trained model's, not the profile's list
     config["n_candidate_users"] = int(own["users"]) if own.get("users") else None
-    pickers = [(variant, model, slots_as(model, variant, config["seed"])) for variant in VARIANTS]
+    pickers = [(variant, model, slots_as(model, variant, config["seed"])) for variant in variants]
     pickers += [(POPULARITY, Popularity(train_data, model.device), nullcontext()),
                 (CF_MODEL, model.cf_encoder.recommender, nullcontext())]
     rows, per_user = [], {}
@@ -74,10 +79,24 @@ def main(argv=None):
         for row, difference in zip(rows[1:], differences):
             row[f"Δ {metric} vs as trained"] = difference.text(config["significance_level"])
     name = dataset.dataset_name  # all test users; some: one page per trained model
+    if not own.get("checkpoint") and profile.name != "cpu":  # trained here with another profile's settings
+        name += f"-{profile.name}"
     if own.get("users"):
         name += f"-{own['users']}-users-seed-{config['seed']}"
     write_results(out, stamp, name, checkpoint, model, rows)
     return rows
+
+
+def chosen_variants(names):
+    """The variants a --variants value names (comma-separated short names, 'as trained' always first); all if None."""
+    if names is None:
+        return VARIANTS
+    chosen = [name.strip() for name in names.split(",")]
+    unknown = [name for name in chosen if name not in VARIANT_NAMES]
+    if unknown or "trained" not in chosen:
+        raise RecBoleLLMError(f"--variants={names}: name some of {', '.join(VARIANT_NAMES)}, trained among them "
+                              f"(every other variant is compared with it)")
+    return tuple(label for name, label in VARIANT_NAMES.items() if name in chosen)
 
 
 class Popularity(torch.nn.Module):
