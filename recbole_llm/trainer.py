@@ -14,7 +14,7 @@ import torch
 from recbole.trainer import Trainer as RecBoleTrainer
 from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import clip_grad_norm_
+from torch.nn.utils import clip_grad_norm_, get_total_norm
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -179,11 +179,11 @@ class SafeCheckpointMixin:
         if not torch.isfinite(loss):
             raise self._non_finite_loss_error(f"epoch {self._epoch}")
 
-    def _non_finite_loss_error(self, where):
+    def _non_finite_loss_error(self, where, what="training loss"):
         kept = [path for path in (self.saved_model_file, self.last_checkpoint_file) if path and os.path.isfile(path)]
         kept = f"the last good checkpoints are kept: {', '.join(kept)}" if kept else "no checkpoint was written before"
         return RecBoleLLMError(
-            f"the training loss became nan or inf at {where}, so training stopped; {kept}; "
+            f"the {what} became nan or inf at {where}, so training stopped; {kept}; "
             f"lower learning_rate (now {self.learning_rate}) or set clip_grad_norm (e.g. {{'max_norm': 1.0}}); "
             f"--detect_anomaly=True names the operation that made it"
         )
@@ -408,6 +408,7 @@ class LLMTrainer(Trainer):
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         total_loss = None  # summed on the device: no host sync per step
         first_non_finite = torch.tensor(n_batches, device=self.device)  # index of the first nan/inf loss, if any
+        first_non_finite_gradient = first_non_finite.clone()  # ... and of nan/inf gradients of a finite loss
         self.optimizer.zero_grad()
         for batch_idx, interaction in enumerate(batches):
             interaction = interaction.to(self.device)
@@ -422,30 +423,36 @@ class LLMTrainer(Trainer):
             total_loss = loss_terms.detach() if total_loss is None else total_loss + loss_terms.detach()
             first_non_finite = first_non_finite.minimum(torch.where(loss.isfinite(), n_batches, batch_idx))
             if optimizer_step:
-                if self.clip_grad_norm:
-                    clip_grad_norm_(parameters, **self.clip_grad_norm)
+                norm = clip_grad_norm_(parameters, **self.clip_grad_norm) if self.clip_grad_norm \
+                    else get_total_norm([weights.grad for weights in parameters if weights.grad is not None])
+                first_non_finite_gradient = first_non_finite_gradient.minimum(
+                    torch.where(norm.isfinite(), n_batches, batch_idx))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()
             if show_progress and batch_idx % 10 == 0:
                 batches.set_postfix(loss=f"{loss.item():.4f}")
-                self._stop_on_non_finite_loss(first_non_finite, n_batches, total_loss)  # the host waits here anyway
+                # the host waits here anyway
+                self._stop_on_non_finite(first_non_finite, first_non_finite_gradient, n_batches, total_loss)
             if last_batch:
                 break  # a capped epoch: the shuffled loader gives a different subset each epoch
-        self._stop_on_non_finite_loss(first_non_finite, n_batches, total_loss)
+        self._stop_on_non_finite(first_non_finite, first_non_finite_gradient, n_batches, total_loss)
         epoch_losses = total_loss.tolist()
         return tuple(epoch_losses) if len(epoch_losses) > 1 else epoch_losses[0]
 
-    def _stop_on_non_finite_loss(self, first_non_finite, n_batches, summed_terms):
-        """summed_terms: the epoch's running sum of each loss term, which stays nan/inf once a term was."""
-        batch_idx = int(first_non_finite)
-        if batch_idx < n_batches:
+    def _stop_on_non_finite(self, first_non_finite, first_non_finite_gradient, n_batches, summed_terms):
+        """summed_terms: the epoch's running sum of each loss term, which stays nan/inf once a term was. Gradients
+        that became nan/inf under a finite loss come first: the step wrote them into the weights, so every later loss
+        is nan, but the fault was in a backward pass."""
+        loss_batch, gradient_batch = int(first_non_finite), int(first_non_finite_gradient)
+        where = f"of epoch {self._epoch} in stage '{self.stage.name}'"
+        if gradient_batch < min(loss_batch, n_batches):
+            raise self._non_finite_loss_error(f"batch {gradient_batch} {where}, under a finite loss", "gradients")
+        if loss_batch < n_batches:
             non_finite_terms = ~summed_terms.isfinite()
             terms = [f"train_loss{index + 1}" for index in non_finite_terms.nonzero().flatten().tolist()]
             of_terms = f" ({', '.join(terms)} of {len(non_finite_terms)})" if len(non_finite_terms) > 1 else ""
-            raise self._non_finite_loss_error(
-                f"batch {batch_idx} of epoch {self._epoch} in stage '{self.stage.name}'{of_terms}"
-            )
+            raise self._non_finite_loss_error(f"batch {loss_batch} {where}{of_terms}")
 
     def _batch_size_advice(self, phase):
         size = self.config["train_batch_size"]

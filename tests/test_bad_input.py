@@ -21,6 +21,7 @@ from transformers import BertConfig, GPT2Config
 from conftest import SIZES, TESTS_DIR, TINY_DATASET, checkpoint_that_runs_code, tiny_config, tiny_run
 from recbole_llm.cf_training import trained_checkpoint
 from recbole_llm.checkpoint import load_checkpoint, save_checkpoint_atomically
+from recbole_llm.errors import RecBoleLLMError
 from recbole_llm.llm.backbone import RANDOM_CONFIGS, clear_llm_cache
 from recbole_llm.model.sequential_recommender.laser import REFRESHED_ITEMS, Laser
 from recbole_llm.trainer import LLMTrainer
@@ -265,6 +266,24 @@ def test_detect_anomaly_names_the_operation_whose_backward_made_a_nan(tmp_path, 
     with pytest.raises(RuntimeError, match="Function 'SqrtBackward0' returned nan values"):
         LLMTrainer(run.config, run.build()).fit(run.train_data, saved=False)
     assert not torch.is_anomaly_enabled()  # on for the fit only
+
+
+def test_nan_gradients_of_a_finite_loss_stop_the_run_at_their_batch(tmp_path, cf_checkpoint, monkeypatch):
+    events, calculate_loss = [], Laser.calculate_loss
+
+    def nan_gradient_at_the_second_batch(self, interaction):  # finite loss, nan gradient: 0 * d/dx sqrt(x) at 0
+        events.append("batch")
+        losses = calculate_loss(self, interaction)
+        if len(events) == 2:
+            losses = (losses[0] + 0 * (self.suffix_tokens.sum() * 0).sqrt(), losses[1])
+        assert torch.isfinite(losses[0])  # the weights the nan gradient wrote are not read: the run stopped first
+        return losses
+
+    monkeypatch.setattr(Laser, "calculate_loss", nan_gradient_at_the_second_batch)
+    run = tiny_run("Laser", tmp_path, cf_checkpoint=cf_checkpoint)  # 2 batches an epoch
+    with pytest.raises(RecBoleLLMError, match=rf"the gradients became nan or inf at batch 1 of epoch 0 in stage "
+                                              rf"'{REFRESHED_ITEMS}', under a finite loss, so training stopped"):
+        LLMTrainer(run.config, run.build()).fit(run.train_data, saved=False)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoints(cli, tmp_path, monkeypatch):
