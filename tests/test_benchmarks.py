@@ -350,7 +350,9 @@ def test_rsllm_picks_read_the_model_with_its_id_slots_as_trained_zeroed_and_shuf
     # --variants reads the slots as trained only (each variant is a full reading): the same picks, the same ID pickers
     trained_only = rsllm_picks.main([f"--checkpoint={checkpoint}", "--users=24", "--profile=smoke", f"--out={out}",
                                      "--variants=trained"])
-    assert [row["variant"] for row in trained_only] == [rsllm_picks.VARIANTS[0], rsllm_picks.POPULARITY, rsllm_picks.CF_MODEL]
+    assert [row["variant"] for row in trained_only] == [
+        rsllm_picks.VARIANTS[0], rsllm_picks.POPULARITY, rsllm_picks.CF_MODEL
+    ]
     for alone, among_all in zip(trained_only, [rows[0], *rows[-2:]]):
         assert alone["hr@1_x_valid_ratio"] == among_all["hr@1_x_valid_ratio"]
     with pytest.raises(RecBoleLLMError, match="--variants=zeroed: name some of trained, zeroed, shuffled"):
